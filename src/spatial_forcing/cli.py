@@ -1,0 +1,148 @@
+"""The `sf` command: argument parsing and wiring only; the work happens in the rooms."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def cmd_teacher_features(args: argparse.Namespace) -> int:
+    from .teachers import build_teacher
+    from .teachers.io import load_depths, load_images, load_matrices, save_grid
+
+    images = load_images(args.images)
+    extras = {}
+    options: dict = {}
+    if args.teacher == "vggt":
+        options = dict(layer=args.layer, resize_mode=args.resize_mode)
+    elif args.teacher == "geometry":
+        if not args.depth or not args.intrinsics:
+            raise ValueError("the geometry teacher needs --depth (one .npy per image) and --intrinsics (.npy/.json)")
+        if len(args.depth) != len(args.images):
+            raise ValueError(f"--depth: expected one depth map per image ({len(args.images)}), got {len(args.depth)}")
+        v = images.shape[1]
+        extras = dict(depth=load_depths(args.depth), intrinsics=load_matrices(args.intrinsics, v, 3, "intrinsics"))
+        if args.extrinsics:
+            extras["extrinsics"] = load_matrices(args.extrinsics, v, 4, "extrinsics")
+        options = dict(patch_size=args.patch_size)
+    device = _device(args.device)
+    t0 = time.perf_counter()
+    teacher = build_teacher(args.teacher, args.weights, **options).to(device)
+    t_load = time.perf_counter() - t0
+    report = getattr(getattr(teacher, "model", None), "load_report", None)
+    t0 = time.perf_counter()
+    grid = teacher.features(images.to(device), **{k: v.to(device) for k, v in extras.items()})
+    t_run = time.perf_counter() - t0
+    out = save_grid(args.out, grid, {"teacher": args.teacher, "images": " ".join(map(str, args.images)),
+                                     "weights": str(args.weights), **{k: str(v) for k, v in options.items()}})
+    b, v, h, w, d = grid.feats.shape
+    print(f"teacher      {args.teacher}" + (f" ({args.weights})" if args.weights else ""))
+    if report is not None:
+        print(f"weights      {report.summary()}")
+    print(f"input        {tuple(images.shape)}  [B, V, 3, H, W] in [0, 1]")
+    print(f"features     {tuple(grid.feats.shape)}  [B, V, h, w, D] {str(grid.feats.dtype).replace('torch.', '')}")
+    print(f"valid        {tuple(grid.valid.shape)}  {int(grid.valid.sum())}/{grid.valid.numel()} patches valid")
+    print(f"time         load {t_load:.2f} s, features {t_run:.2f} s on {device}")
+    print(f"saved        {out}")
+    return 0
+
+
+def cmd_init_vggt(args: argparse.Namespace) -> int:
+    import torch
+
+    from .teachers.vggt import VGGT, VGGTConfig
+
+    heads = {f"enable_{h}": True for h in args.heads}
+    cfg = VGGTConfig.preset(args.preset, **heads)
+    torch.manual_seed(args.seed)
+    model = VGGT(cfg)
+    out = Path(args.out)
+    if out.suffix == ".pt":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), out)
+        if args.preset != "vggt-1b" and any((cfg.enable_depth, cfg.enable_point, cfg.enable_camera)):
+            cfg.save(out.parent / "config.json")
+    else:
+        model.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote a randomly initialised VGGT ({args.preset}, {n:,} parameters) to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(steps=args.steps, seed=args.seed, out=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sf", description="Spatial Forcing: align a VLA policy's visual tokens with a frozen 3D teacher.")
+    parser.add_argument("--version", action="version", version=f"spatial-forcing {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("teacher-features", help="run a teacher on image files; print shapes and save the features",
+                       description="Run a frozen teacher on one image per camera view and save its patch grid "
+                                   "(feats [B,V,h,w,D] and valid [B,V,h,w]) to a safetensors file.")
+    p.add_argument("--teacher", default="vggt", choices=["vggt", "geometry"])
+    p.add_argument("--weights", help="vggt: model.pt of facebook/VGGT-1B, a .safetensors file, or a folder")
+    p.add_argument("--images", nargs="+", required=True, help="one image per view; the first is the reference view")
+    p.add_argument("--layer", type=int, default=-1, help="vggt block pair to read (-1 = last, the SF recipe)")
+    p.add_argument("--resize-mode", default="crop", choices=["crop", "pad"])
+    p.add_argument("--depth", nargs="+", help="geometry: metric depth .npy per view")
+    p.add_argument("--intrinsics", help="geometry: 3x3 (or Vx3x3) pixel intrinsics, .npy or .json")
+    p.add_argument("--extrinsics", help="geometry: 4x4 (or Vx4x4) camera-to-world, .npy or .json")
+    p.add_argument("--patch-size", type=int, default=14, help="geometry: patch side in pixels")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default="teacher_features.safetensors")
+    p.set_defaults(func=cmd_teacher_features)
+
+    p = sub.add_parser("init-vggt", help="write a randomly initialised VGGT checkpoint (upstream key names)",
+                       description="Write random VGGT weights: a flat state dict (.pt, upstream model.pt layout) or "
+                                   "a folder with model.safetensors + config.json. For trying commands and tests.")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "vggt-1b"])
+    p.add_argument("--heads", nargs="*", default=[], choices=["camera", "depth", "point"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="file.pt or a folder")
+    p.set_defaults(func=cmd_init_vggt)
+
+    p = sub.add_parser("demo", help="the smallest end-to-end Spatial Forcing run (CPU, about a minute)",
+                       description="Train a tiny student's visual tokens toward the geometry teacher on synthetic "
+                                   "RGB-D scenes and show the alignment and a linear depth probe improving.")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/demo", help="folder for the summary JSON")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"sf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
