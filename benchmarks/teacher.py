@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="square input side in pixels (student resolution; the teacher resizes to 518)")
     p.add_argument("--views", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--layer", type=int, default=-1, help="teacher layer (-1 = last, the SF recipe)")
-    p.add_argument("--warmup", type=int, default=None, help="default: 5 on cuda, 2 on cpu")
-    p.add_argument("--repeat", type=int, default=None, help="default: 30 on cuda, 5 on cpu")
+    p.add_argument("--warmup", type=int, default=None, help="default: 5 on cuda; on cpu 3 (tiny) or 1 (vggt-1b)")
+    p.add_argument("--repeat", type=int, default=None, help="default: 30 on cuda; on cpu 20 (tiny) or 3 (vggt-1b)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
@@ -227,8 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch (torch.cuda.is_available() is False)")
     preset = args.preset or ("vggt-1b" if args.device == "cuda" else "tiny")
-    warmup = args.warmup if args.warmup is not None else (5 if args.device == "cuda" else 2)
-    repeat = args.repeat if args.repeat is not None else (30 if args.device == "cuda" else 5)
+    tiny = preset == "tiny"
+    warmup = args.warmup if args.warmup is not None else (5 if args.device == "cuda" else 3 if tiny else 1)
+    repeat = args.repeat if args.repeat is not None else (30 if args.device == "cuda" else 20 if tiny else 3)
     if args.batch < 1 or args.input_size < 14 or repeat < 1 or warmup < 0 or min(args.views) < 1:
         p.error("--batch, --views, --repeat must be >= 1, --warmup >= 0, --input-size >= 14")
     out = args.out or ROOT / "benchmarks" / "results" / f"teacher_{args.device}_{preset}.json"

@@ -86,7 +86,7 @@ def cmd_init_vggt(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(steps=args.steps, seed=args.seed, out=args.out)
+    run_demo(steps=args.steps, seed=args.seed, out=args.out, scenes=args.scenes)
     return 0
 
 
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a tiny student's visual tokens toward the geometry teacher on synthetic "
                                    "RGB-D scenes and show the alignment and a linear depth probe improving.")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--scenes", type=int, default=384, help="training scenes (a third as many are held out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/demo", help="folder for the summary JSON")
     p.set_defaults(func=cmd_demo)

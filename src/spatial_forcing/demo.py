@@ -123,12 +123,13 @@ def ridge_r2(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
 
 
-def run_demo(steps: int = 300, seed: int = 0, out: str | Path = "outputs/demo", size: int = 56,
-             batch: int = 16, layer: int = 2) -> dict:
+def run_demo(steps: int = 300, seed: int = 0, out: str | Path = "outputs/demo", scenes: int = 384,
+             size: int = 56, batch: int = 16, layer: int = 2) -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(seed)
     print(f"rendering synthetic RGB-D scenes ({size}x{size}, 2 views) ...")
-    train, test = render_scenes(384, size=size, seed=seed), render_scenes(128, size=size, seed=seed + 1)
+    train = render_scenes(scenes, size=size, seed=seed)
+    test = render_scenes(max(1, scenes // 3), size=size, seed=seed + 1)
     teacher = GeometryTeacher(GeometryConfig(patch_size=8, num_freqs=4, scale=2.0, far=20.0))
     student = TinyStudent(views=2, size=size)
     # The geometry features already encode 3-D position, so the UV embedding is off.
@@ -163,15 +164,15 @@ def run_demo(steps: int = 300, seed: int = 0, out: str | Path = "outputs/demo", 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append(float(loss))
-        bar.set_postfix(align_loss=f"{float(loss):.4f}", cos=f"{float(metrics['cos_sim']):.3f}")
+        history.append(loss.item())
+        bar.set_postfix(align_loss=f"{history[-1]:.4f}", cos=f"{float(metrics['cos_sim']):.3f}")
     r2_after = probe()
     with torch.no_grad():
         idx = torch.arange(len(test["images"]))
         tg = teacher_grid(test, idx)
         test_loss, test_metrics = sf(visual(test["images"]), tg.feats, tg.valid)
     summary = {
-        "steps": steps, "seed": seed, "student_layer": layer, "teacher": "geometry",
+        "steps": steps, "seed": seed, "train_scenes": scenes, "student_layer": layer, "teacher": "geometry",
         "align_loss_first_10": sum(history[:10]) / max(1, len(history[:10])),
         "align_loss_last_10": sum(history[-10:]) / max(1, len(history[-10:])),
         "test_align_loss": float(test_loss), "test_cos_sim": float(test_metrics["cos_sim"]),

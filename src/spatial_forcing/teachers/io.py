@@ -70,7 +70,7 @@ def load_matrices(path: str | Path, views: int, size: int, what: str) -> torch.T
         arr = np.broadcast_to(arr, (views, size, size))
     if arr.shape != (views, size, size):
         raise ValueError(f"{p}: {what} must be {size}x{size} or {views}x{size}x{size}, found shape {arr.shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr))[None]
+    return torch.from_numpy(np.array(arr, dtype=np.float32))[None]
 
 
 def save_grid(path: str | Path, grid: TeacherGrid, metadata: dict[str, str] | None = None) -> Path:

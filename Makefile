@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:
+#   make demo   install into .venv, then run the main job on its embedded default
+#   make test   install into .venv (with test extras), then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first: 2.13.0 resolves to the local CPU build on these machines
+	$(BIN)/python -m pip install torch==2.13.0
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/sf demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/teacher.py --device cpu
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
