@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeat", type=int, default=None, help="default: 30 on cuda; on cpu 20 (tiny) or 3 (vggt-1b)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="float32: the SF recipe (fp32 weights, bf16 autocast on CUDA); bfloat16: bf16 weights")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default: benchmarks/results/teacher_<device>_<preset>.json)")
     args = p.parse_args(argv)
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     repeat = args.repeat if args.repeat is not None else (30 if args.device == "cuda" else 20 if tiny else 3)
     if args.batch < 1 or args.input_size < 14 or repeat < 1 or warmup < 0 or min(args.views) < 1:
         p.error("--batch, --views, --repeat must be >= 1, --warmup >= 0, --input-size >= 14")
-    out = args.out or ROOT / "benchmarks" / "results" / f"teacher_{args.device}_{preset}.json"
+    suffix = "_bf16" if args.weights_dtype == "bfloat16" else ""
+    out = args.out or ROOT / "benchmarks" / "results" / f"teacher_{args.device}_{preset}{suffix}.json"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -243,8 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     rss_start = current_rss_bytes()
     t0 = time.perf_counter()
     with torch.device(device):  # initialise in place (the 1B model is 3.6 GB in fp32)
-        teacher = VGGTTeacher.from_config(cfg, layer=args.layer)
-    teacher = teacher.to(device)  # fp32 weights; features() applies bf16 autocast on CUDA itself
+        teacher = VGGTTeacher.from_config(cfg, layer=args.layer, weights_dtype=args.weights_dtype)
+    teacher = teacher.to(device)  # features() applies bf16 autocast on CUDA itself for fp32 weights
     sync(device)
     build_s = time.perf_counter() - t0
     n_params = sum(t.numel() for t in teacher.parameters())
@@ -329,7 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
         "config": cfg.to_dict(),
         "params_m": n_params / 1e6,
         "weights_gb_fp32": weights_gb,
-        "precision": "bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32",
+        "precision": ("bf16 weights and activations" if args.weights_dtype == "bfloat16"
+                      else "bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32"),
+        "weights_dtype": args.weights_dtype,
         "layer": args.layer,
         "batch": args.batch,
         "input_size": args.input_size,

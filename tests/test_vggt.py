@@ -272,3 +272,17 @@ def test_teacher_layer_selection_and_errors():
         teacher.features(torch.zeros(1, 2, 3, 224, 224, dtype=torch.uint8))
     with pytest.raises(ValueError, match="pad_mask"):
         teacher.features(x, pad_mask=torch.ones(1, 2, 100, 100, dtype=torch.bool))
+
+
+def test_bf16_weights_track_fp32_features():
+    torch.manual_seed(0)
+    model = VGGT(tiny())
+    x = torch.rand(1, 2, 3, 224, 224)
+    ref = VGGTTeacher(model, layer=0).features(x).feats
+    half = VGGTTeacher(model, layer=0, weights_dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    out = half.features(x).feats
+    assert out.dtype == torch.float32
+    assert ((out - ref).norm() / ref.norm()).item() < 3e-2  # bf16 rounding, not wrong positions
+    with pytest.raises(ValueError, match="weights_dtype"):
+        VGGTTeacher(model, weights_dtype="float16")

@@ -28,7 +28,7 @@ def cmd_teacher_features(args: argparse.Namespace) -> int:
     extras = {}
     options: dict = {}
     if args.teacher == "vggt":
-        options = dict(layer=args.layer, resize_mode=args.resize_mode)
+        options = dict(layer=args.layer, resize_mode=args.resize_mode, weights_dtype=args.weights_dtype)
     elif args.teacher == "geometry":
         if not args.depth or not args.intrinsics:
             raise ValueError("the geometry teacher needs --depth (one .npy per image) and --intrinsics (.npy/.json)")
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", required=True, help="one image per view; the first is the reference view")
     p.add_argument("--layer", type=int, default=-1, help="vggt block pair to read (-1 = last, the SF recipe)")
     p.add_argument("--resize-mode", default="crop", choices=["crop", "pad"])
+    p.add_argument("--weights-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="vggt: float32 = the SF recipe; bfloat16 halves memory (features differ by bf16 rounding)")
     p.add_argument("--depth", nargs="+", help="geometry: metric depth .npy per view")
     p.add_argument("--intrinsics", help="geometry: 3x3 (or Vx3x3) pixel intrinsics, .npy or .json")
     p.add_argument("--extrinsics", help="geometry: 4x4 (or Vx4x4) camera-to-world, .npy or .json")

@@ -14,6 +14,7 @@ from .config import VGGTConfig
 from .model import VGGT
 
 RESIZE_MODES = ("crop", "pad")
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def working_size(height: int, width: int, target: int = 518, patch: int = 14,
@@ -79,19 +80,26 @@ class VGGTTeacher(Teacher):
 
     layer: index into the aggregator's block pairs (-1 = last, the SF recipe).
     resize_mode: "crop" (SF default) or "pad" (letterbox with white, padded patches invalid).
-    Runs under bf16 autocast on CUDA (fp32 features) and in fp32 elsewhere.
+    weights_dtype: "float32" (the SF recipe: fp32 weights under bf16 autocast on CUDA, fp32
+        residual stream, exact upstream numerics) or "bfloat16" (weights and activations in bf16:
+        half the memory; RoPE tables stay fp32, so positions remain exact; features differ from the
+        recipe by bf16 rounding). Features are always returned as float32.
     """
 
     name = "vggt"
 
-    def __init__(self, model: VGGT, layer: int = -1, resize_mode: str = "crop") -> None:
+    def __init__(self, model: VGGT, layer: int = -1, resize_mode: str = "crop",
+                 weights_dtype: str = "float32") -> None:
         super().__init__()
         depth = model.config.depth
         if not -depth <= layer < depth:
             raise ValueError(f"VGGT layer {layer} is out of range for {depth} block pairs (use -{depth}..{depth - 1})")
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
-        self.model = model
+        if weights_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weights_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {weights_dtype!r}")
+        self.model = model.to(WEIGHT_DTYPES[weights_dtype])
+        self.weights_dtype = weights_dtype
         self.layer = layer
         self.resize_mode = resize_mode
         self.dim = model.config.feature_dim
@@ -99,13 +107,14 @@ class VGGTTeacher(Teacher):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, layer: int = -1, resize_mode: str = "crop",
-                        config: VGGTConfig | None = None) -> "VGGTTeacher":
-        return cls(VGGT.from_pretrained(path, config=config), layer=layer, resize_mode=resize_mode)
+                        config: VGGTConfig | None = None, weights_dtype: str = "float32") -> "VGGTTeacher":
+        return cls(VGGT.from_pretrained(path, config=config), layer, resize_mode, weights_dtype)
 
     @classmethod
-    def from_config(cls, config: VGGTConfig, layer: int = -1, resize_mode: str = "crop") -> "VGGTTeacher":
+    def from_config(cls, config: VGGTConfig, layer: int = -1, resize_mode: str = "crop",
+                    weights_dtype: str = "float32") -> "VGGTTeacher":
         """Randomly initialised (benchmarks and tests)."""
-        return cls(VGGT(config), layer=layer, resize_mode=resize_mode)
+        return cls(VGGT(config), layer, resize_mode, weights_dtype)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, pad_mask: torch.Tensor | None = None, **extras) -> TeacherGrid:
@@ -116,9 +125,11 @@ class VGGTTeacher(Teacher):
         x, real = prepare_images(images.to(device=device, dtype=torch.float32),
                                  None if pad_mask is None else pad_mask.to(device),
                                  cfg.img_size, cfg.patch_size, self.resize_mode)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+        bf16_weights = self.weights_dtype == "bfloat16"
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and not bf16_weights
+                    else nullcontext())
         with autocast:
-            tokens = self.model.aggregator(x, layers=[self.layer])[self.layer]
+            tokens = self.model.aggregator(x.to(WEIGHT_DTYPES[self.weights_dtype]), layers=[self.layer])[self.layer]
         b, v = x.shape[:2]
         h, w = x.shape[-2] // cfg.patch_size, x.shape[-1] // cfg.patch_size
         feats = tokens[:, :, cfg.patch_start_idx:].float().reshape(b, v, h, w, self.dim)
