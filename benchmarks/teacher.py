@@ -7,7 +7,7 @@ What one timed call covers (exactly what the trainer calls): input checks, resiz
 Weights are randomly initialised (timing does not depend on their values) and kept in fp32;
 the teacher itself runs bf16 autocast on CUDA and plain fp32 elsewhere (VGGT.md §6-7).
 
-    cd /work/main && PYTHONPATH=src .venv/bin/python benchmarks/teacher.py                # CPU, tiny preset
+    PYTHONPATH=src python benchmarks/teacher.py                # CPU, tiny preset
     PYTHONPATH=src python benchmarks/teacher.py --device cuda                             # GPU, vggt-1b
 
 Memory. CUDA: `torch.cuda.max_memory_allocated` over the timed calls of one V after
