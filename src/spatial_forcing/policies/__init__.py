@@ -1,0 +1,5 @@
+"""Students behind one protocol (`base.py`), one sub-folder per family."""
+
+from .base import PolicyOutput
+
+__all__ = ["PolicyOutput"]
