@@ -98,3 +98,30 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert summary["align_loss_last_10"] < summary["align_loss_first_10"]
     assert -1.0 < summary["depth_probe_r2_before"] < 1.0 and -1.0 < summary["depth_probe_r2_after"] < 1.0
     assert "depth probe R^2" in capsys.readouterr().out
+
+
+def test_convert_oft_upstream_folder(tmp_path, capsys):
+    from oft_upstream import write_upstream_checkpoint
+
+    from spatial_forcing.policies.oft.policy import OFTPolicy
+
+    write_upstream_checkpoint(tmp_path / "up")
+    assert main(["convert", "oft", "--src", str(tmp_path / "up"), "--dst", str(tmp_path / "ours"),
+                 "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped 44 unused" in out and "libero_spatial_no_noops" in out
+    report = json.loads((tmp_path / "ours" / "conversion_report.json").read_text())
+    assert "language_model.lm_head.weight" in report["dropped"]
+    assert report["mapped"]["vision_backbone.featurizer.blocks.0.attn.qkv.weight"] == [
+        "vision_backbone.featurizer.encoder.layer.0.attention.q_proj.weight",
+        "vision_backbone.featurizer.encoder.layer.0.attention.k_proj.weight",
+        "vision_backbone.featurizer.encoder.layer.0.attention.v_proj.weight"]
+    converted, original = OFTPolicy.from_pretrained(tmp_path / "ours"), OFTPolicy.from_pretrained(tmp_path / "up")
+    obs = {"images": [np.full((64, 64, 3), 90, np.uint8), np.full((64, 64, 3), 30, np.uint8)],
+           "state": np.zeros(8), "instruction": "open the drawer"}
+    assert np.array_equal(converted.predict_action_chunk(obs), original.predict_action_chunk(obs))
+    # Converting our own format again is refused; a missing folder names itself.
+    assert main(["convert", "oft", "--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "again")]) == 2
+    assert "already in this project's format" in capsys.readouterr().err
+    assert main(["convert", "oft", "--src", str(tmp_path / "absent"), "--dst", str(tmp_path / "x")]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err

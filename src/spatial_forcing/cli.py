@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,44 @@ def cmd_init_vggt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_convert_oft(args: argparse.Namespace) -> int:
+    import torch
+
+    from .policies.oft.policy import OFTPolicy
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    t0 = time.perf_counter()
+    policy = OFTPolicy.from_pretrained(args.src, platform=args.platform, dtype=dtype, **_parse_overrides(args.set))
+    report = policy.conversion_report
+    if report is None:
+        raise ValueError(f"{args.src} is already in this project's format; nothing to convert")
+    dst = policy.save_pretrained(args.dst)
+    (dst / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    cfg = policy.config
+    n = sum(p.numel() for p in policy.model.parameters())
+    print(f"source       {args.src}")
+    print(f"model        {n / 1e6:.1f}M parameters, {cfg.num_images} images, proprio {cfg.use_proprio}, "
+          f"chunk {cfg.chunk_len} x {cfg.action_dim}, head {cfg.action_head}, {args.dtype}")
+    print(f"keys         {report.summary()}")
+    print(f"statistics   {', '.join(policy.stats) or 'none'}")
+    print(f"written      {dst} (config.json, model.safetensors, dataset_statistics.json, processor files, "
+          f"conversion_report.json) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -123,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file.pt or a folder")
     p.set_defaults(func=cmd_init_vggt)
 
+    p = sub.add_parser("convert", help="convert an upstream checkpoint into this project's format",
+                       description="Convert an upstream checkpoint (folder or Hugging Face hub id) into this "
+                                   "project's format, reporting every key it mapped or dropped.")
+    conv = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    p = conv.add_parser("oft", help="OpenVLA-OFT / Spatial-Forcing LIBERO checkpoints (merged weights + heads)")
+    p.add_argument("--src", required=True, help="upstream folder, or a hub id such as moojink/openvla-7b-oft-finetuned-libero-spatial")
+    p.add_argument("--dst", required=True, help="output folder")
+    p.add_argument("--platform", default="libero", choices=["libero", "aloha", "bridge"],
+                   help="chunk length, action and proprio dims (the weights do not record them)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override OFTConfig fields, e.g. num_images=1")
+    p.set_defaults(func=cmd_convert_oft)
+
     p = sub.add_parser("demo", help="the smallest end-to-end Spatial Forcing run (CPU, about a minute)",
                        description="Train a tiny student's visual tokens toward the geometry teacher on synthetic "
                                    "RGB-D scenes and show the alignment and a linear depth probe improving.")
@@ -142,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, TypeError, KeyError) as exc:
         print(f"sf {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
