@@ -496,3 +496,24 @@ def test_bad_images_are_rejected(policy, bad):
 def test_state_of_the_wrong_length_is_rejected(policy, length):
     with pytest.raises(ValueError, match="8"):
         policy.predict_action_chunk(dict(observation(), state=np.zeros(length)))
+
+
+def test_base_openvla_without_heads_gets_new_heads(tmp_path):
+    """`openvla/openvla-7b` ships no head files: load its body, create fresh heads to fine-tune."""
+    import torch
+
+    from oft_upstream import write_upstream_checkpoint
+    from spatial_forcing.policies.oft.policy import OFTPolicy
+
+    for name in ("base", "full"):
+        write_upstream_checkpoint(tmp_path / name, with_lora_stub=False)
+    for f in (tmp_path / "base").glob("*_checkpoint.pt"):
+        f.unlink()
+    policy = OFTPolicy.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    report = policy.conversion_report
+    assert "action_head.* (new, randomly initialised)" in report.created
+    assert "proprio_projector.* (new, randomly initialised)" in report.created
+    assert policy.config.use_proprio and policy.config.action_dim == 7
+    fine_tuned = OFTPolicy.from_pretrained(tmp_path / "full", dtype=torch.float32)
+    body = [k for k in fine_tuned.model.state_dict() if k.startswith(("vision_backbone.", "language_model."))]
+    assert body and all(torch.equal(policy.model.state_dict()[k], fine_tuned.model.state_dict()[k]) for k in body)

@@ -151,15 +151,25 @@ class OFTModel(nn.Module):
         self.vision_backbone = FusedVisionBackbone(config)
         self.projector = FusedProjector(config.fused_vision_dim, config.hidden_size)
         self.language_model = LlamaModel(llama_config(config))
-        self.proprio_projector = ProprioProjector(config.proprio_dim, config.hidden_size) if config.use_proprio else None
+        heads = self.new_heads(config)
+        self.proprio_projector = heads.get("proprio_projector")
+        self.action_head = heads["action_head"]
+        self.noisy_action_projector = heads.get("noisy_action_projector")
+
+    @staticmethod
+    def new_heads(config: OFTConfig) -> dict[str, nn.Module]:
+        """Freshly initialised OFT heads for `config` (also used when fine-tuning the base OpenVLA)."""
+        heads: dict[str, nn.Module] = {}
+        if config.use_proprio:
+            heads["proprio_projector"] = ProprioProjector(config.proprio_dim, config.hidden_size)
         if config.action_head == "l1":
-            self.action_head = L1RegressionActionHead(config.hidden_size, config.action_dim, config.chunk_len,
-                                                      config.head_blocks)
-            self.noisy_action_projector = None
+            heads["action_head"] = L1RegressionActionHead(config.hidden_size, config.action_dim, config.chunk_len,
+                                                          config.head_blocks)
         else:
-            self.action_head = DiffusionActionHead(config.hidden_size, config.action_dim, config.chunk_len,
-                                                   config.head_blocks, config.diffusion_train_steps)
-            self.noisy_action_projector = NoisyActionProjector(config.hidden_size)
+            heads["action_head"] = DiffusionActionHead(config.hidden_size, config.action_dim, config.chunk_len,
+                                                       config.head_blocks, config.diffusion_train_steps)
+            heads["noisy_action_projector"] = NoisyActionProjector(config.hidden_size)
+        return heads
 
     # -- sequence ------------------------------------------------------------------------------
     def action_positions(self, prompt_lens: torch.Tensor, text_len: int) -> torch.Tensor:

@@ -148,12 +148,12 @@ def upstream_config(folder: Path, sd: dict, action_head: dict | None, proprio: d
             siglip_intermediate=sd[SIGLIP + "blocks.0.mlp.fc1.weight"].shape[0])
     except KeyError as exc:
         raise ValueError(f"{folder}: not an OpenVLA fused-backbone checkpoint, missing tensor {exc}") from exc
-    d = {**PLATFORMS[platform], **llm, **vision, "use_proprio": proprio is not None}
-    if action_head is None:
-        raise FileNotFoundError(f"{folder}: no action head (action_head--<step>_checkpoint.pt); the base "
-                                "openvla-7b has none: fine-tune it first")
+    # A fine-tune has head files; the base OpenVLA has none (its heads are created new for fine-tuning).
+    d = {**PLATFORMS[platform], **llm, **vision, "use_proprio": proprio is not None or action_head is None}
     d.update(overrides)
     cfg = OFTConfig(**d)
+    if action_head is None:
+        return cfg
     head_out = action_head["model.fc2.weight"].shape[0]
     head_in = action_head["model.layer_norm1.weight"].shape[0]
     if head_out != cfg.action_dim or head_in != cfg.action_dim * cfg.hidden_size:
@@ -255,6 +255,10 @@ def convert_upstream_state_dict(sd: dict[str, torch.Tensor], cfg: OFTConfig,
     mask = "vision_backbone.featurizer.embeddings.mask_token"
     out[mask] = torch.zeros(1, cfg.dino_hidden)
     rep.created.append(mask)
+    if action_head is None:  # the base model: every head is new, to be fine-tuned
+        for name, module in OFTModel.new_heads(cfg).items():
+            out.update({f"{name}.{key}": value for key, value in module.state_dict().items()})
+            rep.created.append(f"{name}.* (new, randomly initialised)")
     return out, rep
 
 
@@ -295,14 +299,18 @@ def build_model(cfg: OFTConfig, state: dict[str, torch.Tensor], dtype: torch.dty
 
 def load_upstream_model(folder: Path, platform: str = "libero", dtype: torch.dtype = torch.float32,
                         **overrides) -> tuple[OFTModel, ConversionReport]:
+    """Fine-tuned folders load their heads; the base `openvla/openvla-7b` (no head files) gets new,
+    randomly initialised heads, listed in the report as created. A `lora_adapter/` is not read: the
+    merged weights already contain it."""
     sd = read_sharded_safetensors(folder)
-    head = read_head(find_head_file(folder, "action_head"))
-    try:
-        proprio = read_head(find_head_file(folder, "proprio_projector"))
-    except FileNotFoundError:
-        proprio = None
+    has_head = any(folder.glob("action_head--*checkpoint.pt"))
+    has_proprio = any(folder.glob("proprio_projector--*checkpoint.pt"))
+    if not has_head and (has_proprio or (folder / "lora_adapter").is_dir()):  # a fine-tune that lost its head
+        find_head_file(folder, "action_head")  # raises, naming the missing file
+    head = read_head(find_head_file(folder, "action_head")) if has_head else None
+    proprio = read_head(find_head_file(folder, "proprio_projector")) if has_proprio else None
     cfg = upstream_config(folder, sd, head, proprio, platform, **overrides)
-    if cfg.use_proprio and proprio is None:
+    if has_head and cfg.use_proprio and proprio is None:
         raise FileNotFoundError(f"{folder}: use_proprio is set but proprio_projector--<step>_checkpoint.pt is missing")
     state, report = convert_upstream_state_dict(sd, cfg, head, proprio if cfg.use_proprio else None)
     return build_model(cfg, state, dtype, source=str(folder)), report
