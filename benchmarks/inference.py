@@ -44,11 +44,6 @@ import argparse
 import datetime as _dt
 import gc
 import json
-import math
-import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 import zlib
@@ -58,6 +53,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+from common import (current_rss_bytes, device_name, git_commit, peak_rss_bytes, percentile,  # noqa: E402
+                    reset_peak_rss, sync)
+
 try:
     from spatial_forcing.policies.oft.config import OFTConfig
 except ImportError:  # run without PYTHONPATH=src
@@ -203,78 +201,11 @@ def compile_model(model: OFTModel, mode: str) -> list[str]:
     return done
 
 
-# ---------------------------------------------------------------------------------------- memory
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark for this process (Linux >= 4.0); False where impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """`ru_maxrss` of this process in bytes (kilobytes on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def current_rss_bytes() -> int | None:
-    kb = _proc_status_kb("VmRSS")
-    return None if kb is None else kb * 1024
-
-
 # ------------------------------------------------------------------------------------------ misc
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100]), as numpy's default."""
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def summary(times: list[float]) -> dict:
     return {"median_ms": percentile(times, 50), "p10_ms": percentile(times, 10), "p90_ms": percentile(times, 90),
             "p99_ms": percentile(times, 99), "min_ms": min(times), "max_ms": max(times),
             "mean_ms": sum(times) / len(times)}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor()
-    if not name or name in ("x86_64", "aarch64", "arm", "i386"):
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-        except OSError:
-            pass
-    return f"{name or platform.machine()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})"
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def sdpa_backends() -> dict | None:
