@@ -17,7 +17,7 @@ from torch import nn
 from ..base import PolicyOutput
 from .config import OFTConfig
 from .model import OFTModel
-from .normalize import STATS_FILE, DatasetStats, load_dataset_statistics, save_dataset_statistics, select_stats
+from ...data.normalize import STATS_FILE, DatasetStats, load_dataset_statistics, save_dataset_statistics, select_stats
 from .processor import OFTProcessor, load_tokenizer
 from .weights import ConversionReport, load_model, load_upstream_model, save_model
 

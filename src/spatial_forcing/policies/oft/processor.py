@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import OFTConfig
-from .normalize import DatasetStats, STATS_FILE, load_dataset_statistics, normalize, select_stats, unnormalize
+from ...data.normalize import DatasetStats, STATS_FILE, load_dataset_statistics, normalize, select_stats, unnormalize
 
 Vec3 = tuple[float, float, float]
 ImageNorm = tuple[tuple[Vec3, Vec3], tuple[Vec3, Vec3]]  # ((dino mean, dino std), (siglip mean, siglip std))
