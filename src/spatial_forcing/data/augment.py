@@ -1,0 +1,127 @@
+"""Training augmentation in torch, as the OpenVLA-OFT recipe (DATA.md A.8), per view:
+
+1. random crop of 90% of the area (square box of side sqrt(0.9), offsets `u * (1 - side)` with
+   one `u` for both axes, as the upstream stateless seed gives), bilinear crop-and-resize back;
+2. brightness `x + d`, d ~ U[-0.2, 0.2);   3. contrast `(x - mean_c) f + mean_c`, f ~ U[0.8, 1.2);
+4. saturation x f in HSV, f ~ U[0.8, 1.2); 5. hue + d (wrapping), d ~ U[-0.05, 0.05];
+clipping to [0, 1] after each step.
+
+The crop box is returned and applied unchanged to depth, padding masks and teacher feature maps
+(`crop_resize`), so geometry stays aligned with the pixels. Boxes are normalised `(y0, x0, y1, x1)`;
+normalised coordinate y samples pixel `y * (H - 1)` (TF `crop_and_resize`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AugmentConfig:
+    crop_area: float = 0.9
+    brightness: float = 0.2
+    contrast: tuple[float, float] = (0.8, 1.2)
+    saturation: tuple[float, float] = (0.8, 1.2)
+    hue: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0 < self.crop_area <= 1:
+            raise ValueError(f"crop_area must be in (0, 1], got {self.crop_area}")
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+
+def sample_crop_box(g: torch.Generator, area: float = 0.9) -> tuple[float, float, float, float]:
+    side = math.sqrt(area)
+    offset = _uniform(g, 0.0, 1.0) * (1.0 - side)
+    return offset, offset, offset + side, offset + side
+
+
+def center_box(area: float = 0.9) -> tuple[float, float, float, float]:
+    side = math.sqrt(area)
+    o = (1.0 - side) / 2.0
+    return o, o, o + side, o + side
+
+
+def crop_resize(x: torch.Tensor, box: tuple[float, float, float, float], size: tuple[int, int],
+                mode: str = "bilinear") -> torch.Tensor:
+    """Crop `box` from `x` `[..., C, H, W]` and resample to `size`; output pixel i reads input
+    `y0 (H-1) + i (y1-y0)(H-1)/(h-1)`. `mode` "nearest" for depth and masks, "bilinear" otherwise."""
+    *lead, c, h, w = x.shape
+    y0, x0, y1, x1 = box
+    oh, ow = size
+    ys = torch.linspace(y0, y1, oh, dtype=torch.float32, device=x.device) * 2 - 1
+    xs = torch.linspace(x0, x1, ow, dtype=torch.float32, device=x.device) * 2 - 1
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (oh, ow, 2) as (x, y)
+    flat = x.reshape(-1, c, h, w)
+    src = flat if flat.is_floating_point() else flat.float()
+    out = F.grid_sample(src, grid[None].expand(len(flat), -1, -1, -1), mode=mode, padding_mode="border",
+                        align_corners=True)
+    return out.to(x.dtype).reshape(*lead, c, oh, ow)
+
+
+def crop_intrinsics(k: torch.Tensor, box: tuple[float, float, float, float], in_hw: tuple[int, int],
+                    out_hw: tuple[int, int]) -> torch.Tensor:
+    """Pixel intrinsics after `crop_resize` (an affine map of pixel coordinates)."""
+    (h, w), (oh, ow) = in_hw, out_hw
+    y0, x0, y1, x1 = box
+    sy = (oh - 1) / ((y1 - y0) * (h - 1))
+    sx = (ow - 1) / ((x1 - x0) * (w - 1))
+    out = k.clone()
+    out[..., 0, :] = k[..., 0, :] * sx
+    out[..., 1, :] = k[..., 1, :] * sy
+    out[..., 0, 2] = (k[..., 0, 2] - x0 * (w - 1)) * sx
+    out[..., 1, 2] = (k[..., 1, 2] - y0 * (h - 1)) * sy
+    return out
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(-3)
+    maxc, _ = x.max(-3)
+    minc, _ = x.min(-3)
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp(min=1e-12), torch.zeros_like(maxc))
+    safe = delta.clamp(min=1e-12)
+    h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, maxc], dim=-3)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(-3)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = i.long() % 6
+    r = torch.stack([v, q, p, p, t, v], -3).gather(-3, i.unsqueeze(-3)).squeeze(-3)
+    g = torch.stack([t, v, v, q, p, p], -3).gather(-3, i.unsqueeze(-3)).squeeze(-3)
+    b = torch.stack([p, p, t, v, v, q], -3).gather(-3, i.unsqueeze(-3)).squeeze(-3)
+    return torch.stack([r, g, b], dim=-3)
+
+
+def color_jitter(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Brightness, contrast, saturation, hue (in that order) on `[3, H, W]` in [0, 1]."""
+    x = (x + _uniform(g, -cfg.brightness, cfg.brightness)).clamp(0, 1)
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    x = ((x - mean) * _uniform(g, *cfg.contrast) + mean).clamp(0, 1)
+    hsv = rgb_to_hsv(x)
+    sat = (hsv[1] * _uniform(g, *cfg.saturation)).clamp(0, 1)
+    hsv = torch.stack([hsv[0], sat, hsv[2]])
+    x = hsv_to_rgb(hsv).clamp(0, 1)
+    hsv = rgb_to_hsv(x)
+    hue = (hsv[0] + _uniform(g, -cfg.hue, cfg.hue)) % 1.0
+    return hsv_to_rgb(torch.stack([hue, hsv[1], hsv[2]])).clamp(0, 1)
+
+
+def augment_view(image: torch.Tensor, g: torch.Generator, cfg: AugmentConfig
+                 ) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+    """One view `[3, H, W]` in [0, 1] -> augmented view of the same size and the crop box used."""
+    box = sample_crop_box(g, cfg.crop_area)
+    cropped = crop_resize(image, box, tuple(image.shape[-2:])).clamp(0, 1)
+    return color_jitter(cropped, g, cfg), box
