@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from spatial_forcing.data.augment import AugmentConfig, crop_intrinsics, crop_resize, hsv_to_rgb, rgb_to_hsv
-from spatial_forcing.data.dataset import ChunkedDataset, PipelineConfig, build_index
+from spatial_forcing.data.dataset import ChunkedDataset, PipelineConfig, build_index, make_loader
 from spatial_forcing.data.normalize import normalize
 from spatial_forcing.data.sampler import ResumableSampler
 from spatial_forcing.data.stats import cached_statistics, compute_statistics
@@ -139,7 +138,7 @@ def test_determinism_and_workers():
     ds.set_epoch(1)
     assert not torch.equal(ds[4]["crop_box.agentview"], a["crop_box.agentview"])
     ds.set_epoch(0)
-    loaders = [DataLoader(ds, batch_size=4, sampler=ResumableSampler(len(ds), seed=1), num_workers=w) for w in (0, 2)]
+    loaders = [make_loader(ds, ResumableSampler(len(ds), seed=1), batch_size=4, num_workers=w) for w in (0, 2)]
     batches = [next(iter(loader)) for loader in loaders]
     assert torch.equal(batches[0]["observation.images.wrist"], batches[1]["observation.images.wrist"])
 

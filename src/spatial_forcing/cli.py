@@ -122,6 +122,18 @@ def cmd_convert_oft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_rlds(args: argparse.Namespace) -> int:
+    from .data.convert import rlds_to_lerobot
+
+    summary = rlds_to_lerobot(args.src, args.dst, fps=args.fps, video=not args.png, overwrite=args.overwrite,
+                              verify_crc=not args.no_verify)
+    print(f"source       {summary['source']} ({summary['name']})")
+    print(f"written      {summary['destination']}: LeRobotDataset v3.0, {summary['episodes']} episodes, "
+          f"{summary['frames']} frames, cameras {', '.join(summary['cameras'])}, "
+          f"{'mp4' if summary['video'] else 'png'}, {summary['fps']} fps, in {summary['seconds']:.1f} s")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -174,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override OFTConfig fields, e.g. num_images=1")
     p.set_defaults(func=cmd_convert_oft)
+
+    p = conv.add_parser("rlds", help="LIBERO RLDS TFRecords (openvla/modified_libero_rlds) -> LeRobot v3.0",
+                        description="Convert one RLDS dataset folder (e.g. libero_spatial_no_noops/1.0.0) to "
+                                    "a LeRobotDataset v3.0, without TensorFlow; raw values are kept.")
+    p.add_argument("--src", required=True, help="RLDS dataset folder (with dataset_info.json and the shards)")
+    p.add_argument("--dst", required=True, help="output LeRobot dataset folder")
+    p.add_argument("--fps", type=int, default=20, help="frame rate recorded in info.json (LIBERO control: 20 Hz)")
+    p.add_argument("--png", action="store_true", help="store frames as PNG instead of mp4 video")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --dst")
+    p.add_argument("--no-verify", action="store_true", help="skip the CRC checks (faster)")
+    p.set_defaults(func=cmd_convert_rlds)
 
     p = sub.add_parser("demo", help="the smallest end-to-end Spatial Forcing run (CPU, about a minute)",
                        description="Train a tiny student's visual tokens toward the geometry teacher on synthetic "

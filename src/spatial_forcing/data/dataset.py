@@ -167,3 +167,15 @@ def resize_nearest(m: torch.Tensor, size: int) -> torch.Tensor:
     if m.shape[-2:] == (size, size):
         return m
     return torch.nn.functional.interpolate(m[None], size=(size, size), mode="nearest")[0]
+
+
+def make_loader(dataset: Dataset, sampler, batch_size: int, num_workers: int = 2, **kwargs):
+    """A DataLoader whose workers start with `forkserver`: forking a process that already runs
+    PyAV / pyarrow / OpenMP threads can deadlock, so workers never fork the training process."""
+    from torch.utils.data import DataLoader
+
+    extra = {}
+    if num_workers > 0:
+        extra = dict(multiprocessing_context="forkserver", persistent_workers=True, prefetch_factor=4)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      **{**extra, **kwargs})
