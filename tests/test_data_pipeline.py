@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from spatial_forcing.data.augment import AugmentConfig, crop_intrinsics, crop_resize, hsv_to_rgb, rgb_to_hsv
+from spatial_forcing.data.augment import (AugmentConfig, adjust_saturation, crop_intrinsics, crop_resize, hsv_to_rgb,
+                                          rgb_to_hsv)
 from spatial_forcing.data.dataset import ChunkedDataset, PipelineConfig, build_index, make_loader
 from spatial_forcing.data.normalize import normalize
 from spatial_forcing.data.sampler import ResumableSampler
@@ -119,6 +120,15 @@ def test_crop_resize_and_intrinsics_formula():
     k = torch.tensor([[10.0, 0, 1.5], [0, 10.0, 1.5], [0, 0, 1]])
     k2 = crop_intrinsics(k, (0.0, 0.0, 1 / 3, 1 / 3), (4, 4), (2, 2))
     assert torch.allclose(k2, torch.tensor([[10.0, 0, 1.5], [0, 10.0, 1.5], [0, 0, 1]]), atol=1e-5)  # scale 1 here
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.8, 1.0, 1.2, 3.0])
+def test_saturation_in_rgb_equals_the_hsv_definition(factor):
+    x = torch.rand(3, 16, 16)
+    x[:, 0, 0] = 0.4  # a grey pixel (S = 0)
+    hsv = rgb_to_hsv(x)
+    expected = hsv_to_rgb(torch.stack([hsv[0], (hsv[1] * factor).clamp(0, 1), hsv[2]]))
+    assert torch.allclose(adjust_saturation(x, factor), expected, atol=1e-5)
 
 
 def test_hsv_round_trip_and_jitter_identity():

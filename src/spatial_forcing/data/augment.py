@@ -82,27 +82,35 @@ def crop_intrinsics(k: torch.Tensor, box: tuple[float, float, float, float], in_
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(-3)
-    maxc, _ = x.max(-3)
-    minc, _ = x.min(-3)
+    """`[..., 3, H, W]` RGB in [0, 1] -> HSV with hue in [0, 1) (0 for grey pixels)."""
+    maxc, which = x.max(dim=-3)
+    minc = x.min(dim=-3).values
     delta = maxc - minc
-    s = torch.where(maxc > 0, delta / maxc.clamp(min=1e-12), torch.zeros_like(maxc))
-    safe = delta.clamp(min=1e-12)
-    h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    s = delta / maxc.clamp(min=1e-12)
+    r, g, b = x.unbind(-3)
+    inv = 1.0 / delta.clamp(min=1e-12)
+    h = torch.where(which == 0, (g - b) * inv, torch.where(which == 1, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv))
     h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
     return torch.stack([h, s, maxc], dim=-3)
 
 
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """`f(n) = V - V S max(0, min(k, 4 - k, 1))` with `k = (n + 6 h) mod 6`; R, G, B = f(5), f(3), f(1)."""
     h, s, v = x.unbind(-3)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    i = i.long() % 6
-    r = torch.stack([v, q, p, p, t, v], -3).gather(-3, i.unsqueeze(-3)).squeeze(-3)
-    g = torch.stack([t, v, v, q, p, p], -3).gather(-3, i.unsqueeze(-3)).squeeze(-3)
-    b = torch.stack([p, p, t, v, v, q], -3).gather(-3, i.unsqueeze(-3)).squeeze(-3)
-    return torch.stack([r, g, b], dim=-3)
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(3, *([1] * h.dim()))
+    k = (n + h.unsqueeze(0) * 6.0) % 6.0
+    w = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+    out = v.unsqueeze(0) - (v * s).unsqueeze(0) * w
+    return out.movedim(0, -3)
+
+
+def adjust_saturation(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """HSV saturation x `factor`, clamped to [0, 1], computed in RGB: with V = max and m = min over
+    channels, `S = (V - m) / V` and each channel is `V - (V - x) * min(factor, 1 / S)`."""
+    v = x.max(dim=-3, keepdim=True).values
+    m = x.min(dim=-3, keepdim=True).values
+    ratio = torch.where(v > m, torch.clamp(v / (v - m).clamp(min=1e-12), max=factor), torch.zeros_like(v))
+    return v - (v - x) * ratio
 
 
 def color_jitter(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
@@ -110,10 +118,7 @@ def color_jitter(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig) -> tor
     x = (x + _uniform(g, -cfg.brightness, cfg.brightness)).clamp(0, 1)
     mean = x.mean(dim=(-2, -1), keepdim=True)
     x = ((x - mean) * _uniform(g, *cfg.contrast) + mean).clamp(0, 1)
-    hsv = rgb_to_hsv(x)
-    sat = (hsv[1] * _uniform(g, *cfg.saturation)).clamp(0, 1)
-    hsv = torch.stack([hsv[0], sat, hsv[2]])
-    x = hsv_to_rgb(hsv).clamp(0, 1)
+    x = adjust_saturation(x, _uniform(g, *cfg.saturation)).clamp(0, 1)
     hsv = rgb_to_hsv(x)
     hue = (hsv[0] + _uniform(g, -cfg.hue, cfg.hue)) % 1.0
     return hsv_to_rgb(torch.stack([hue, hsv[1], hsv[2]])).clamp(0, 1)

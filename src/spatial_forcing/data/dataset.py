@@ -71,8 +71,8 @@ def build_index(lengths: list[int], chunk_len: int, chunk_mode: str) -> np.ndarr
 def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 HWC -> size x size with Lanczos (antialiased), rounded to uint8 (as the OFT data)."""
     if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS))
+        return np.array(image, dtype=np.uint8)  # a writable copy (decoded frames may be read-only)
+    return np.array(Image.fromarray(image).resize((size, size), Image.LANCZOS))
 
 
 def resize_intrinsics(k: np.ndarray, in_hw: tuple[int, int], size: int) -> np.ndarray:
