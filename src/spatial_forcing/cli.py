@@ -141,6 +141,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    from .envs.collect import collect_libero, format_summary
+
+    summary = collect_libero(args.suite, args.tasks, args.episodes, args.out, image_size=args.image_size,
+                             depth=not args.no_depth, seed=args.seed, video=not args.png, overwrite=args.overwrite)
+    print(format_summary(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sf", description="Spatial Forcing: align a VLA policy's visual tokens with a frozen 3D teacher.")
@@ -206,6 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/demo", help="folder for the summary JSON")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("collect", help="collect scripted-expert demonstrations into a LeRobot v3.0 dataset",
+                       description="Run scripted experts (privileged simulator state) and record successful "
+                                   "episodes, no-ops filtered, as a LeRobotDataset v3.0.")
+    coll = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    p = coll.add_parser("libero", help="LIBERO-Object / LIBERO-Spatial pick-and-place experts")
+    p.add_argument("--suite", required=True, help="libero_object or libero_spatial")
+    p.add_argument("--tasks", default="all", help="all, indices (0,1,2) or task names, comma-separated")
+    p.add_argument("--episodes", type=int, default=50, help="successful episodes per task")
+    p.add_argument("--out", required=True, help="output LeRobot dataset folder")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--no-depth", action="store_true", help="do not record metric depth")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--png", action="store_true", help="store frames as PNG instead of mp4 video")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.set_defaults(func=cmd_collect)
     return parser
 
 

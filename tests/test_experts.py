@@ -1,0 +1,65 @@
+"""Scripted LIBERO experts and `collect_libero` on the real simulator (short: one episode)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("libero.libero")
+
+from spatial_forcing.data.lerobot import LeRobotEpisodeSource  # noqa: E402
+from spatial_forcing.envs.collect import collect_libero, parse_tasks  # noqa: E402
+from spatial_forcing.envs.experts import is_noop  # noqa: E402
+
+
+def test_noop_rule():
+    z = np.zeros(7)
+    z[6] = -1.0
+    assert is_noop(z, None)
+    assert is_noop(z, z)
+    closing = z.copy()
+    closing[6] = 1.0
+    assert not is_noop(closing, z)
+    moving = z.copy()
+    moving[0] = 1e-3
+    assert not is_noop(moving, z)
+
+
+def test_unknown_suite_and_task():
+    with pytest.raises(ValueError, match="valid suites"):
+        parse_tasks("libero_nope", "all")
+    with pytest.raises(ValueError, match="valid tasks"):
+        parse_tasks("libero_object", "no_such_task")
+    with pytest.raises(ValueError, match="out of range"):
+        parse_tasks("libero_object", "99")
+    assert [t.index for t in parse_tasks("libero_object", "0,2")] == [0, 2]
+    assert len(parse_tasks("libero_spatial", "all")) == 10
+
+
+def test_expert_collects_a_readable_dataset(tmp_path):
+    out = tmp_path / "ds"
+    summary = collect_libero("libero_object", "0", 1, out, image_size=64, depth=True, seed=0, video=True,
+                             progress=False, max_attempts_factor=1)
+    task = summary["tasks"]["pick_up_the_alphabet_soup_and_place_it_in_the_basket"]
+    assert task["successes"] == 1 and task["attempts"] == 1  # the expert solves init state 0
+    src = LeRobotEpisodeSource(out)
+    assert src.num_episodes == 1
+    assert src.cameras == ["agentview", "wrist"]
+    length = src.episode_length(0)
+    assert length == task["mean_length"] == task["env_steps"]  # every executed step is recorded
+    assert src.task(0) == "pick up the alphabet soup and place it in the basket"
+    arrays = src.episode_arrays(0, ["observation.state", "action"])
+    assert arrays["observation.state"].shape == (length, 8)
+    assert arrays["action"].shape == (length, 7)
+    a = arrays["action"]
+    assert np.all(np.abs(a) <= 1.0)
+    assert a[0, 6] == -1.0 and (a[:, 6] == 1.0).any()  # starts open, closes to grasp
+    assert not any(is_noop(a[t], a[t - 1] if t else None) for t in range(length))
+    f = src.frame(0, length - 1, ["observation.images.agentview", "observation.depth.wrist",
+                                  "observation.intrinsics.agentview", "observation.extrinsics.wrist"])
+    assert f["observation.images.agentview"].shape[-3:] in ((64, 64, 3), (3, 64, 64))
+    assert f["observation.depth.wrist"].shape[-2:] == (64, 64)
+    depth = np.asarray(f["observation.depth.wrist"])
+    assert np.all(depth > 0) and np.all(depth < 10)
+    assert np.asarray(f["observation.intrinsics.agentview"]).shape == (3, 3)
+    assert np.asarray(f["observation.extrinsics.wrist"]).shape == (4, 4)
