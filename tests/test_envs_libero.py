@@ -139,6 +139,8 @@ def test_config_file_created_kept_and_never_clobbered(tmp_path, monkeypatch):
     assert L.ensure_libero_config().action == "kept" and cfg.read_text() == text       # idempotent
     cfg.write_text(text.replace(packaged["assets"], "/nonexistent/assets"))             # our stale file
     assert L.ensure_libero_config().action == "rewritten" and cfg.read_text() == text
+    cfg.write_text(text.replace(packaged["assets"], str(tmp_path)))                     # ours, another venv's
+    assert L.ensure_libero_config().action == "rewritten" and cfg.read_text() == text
     user = f"bddl_files: {packaged['bddl_files']}\n"                                     # a user's valid file
     cfg.write_text(user)
     assert L.ensure_libero_config().action == "kept" and cfg.read_text() == user

@@ -225,26 +225,31 @@ def _write_config_atomically(path: Path, paths: dict[str, str]) -> None:
 def ensure_libero_config() -> ConfigStatus:
     """Make sure LIBERO's path config exists and points at usable asset/BDDL/init-state directories.
 
-    Missing -> written with the packaged paths ("created"). Present and valid -> left untouched ("kept";
-    a warning if it redirects away from the packaged resources). Present but invalid -> rewritten only
-    if this module wrote it ("rewritten"), else RuntimeError naming the bad keys (a user's file is never
-    clobbered). Never calls ``input()``.
+    Missing -> written with the packaged paths ("created"). A file this module wrote follows the current
+    installation: rewritten when invalid or pointing at another installation's resources, e.g. another
+    virtual environment ("rewritten"). A user's file is never clobbered: valid -> left untouched ("kept";
+    a warning if it redirects away from the packaged resources), invalid -> RuntimeError naming the bad
+    keys. Never calls ``input()``.
     """
     path = libero_config_file()
     packaged = packaged_libero_paths()
     if not path.is_file():
         _write_config_atomically(path, packaged)
         return ConfigStatus(path, "created")
+    ours = path.read_text(encoding="utf-8", errors="replace").startswith(_CONFIG_MARKER)
     problems, data = _config_problems(path)
     if not problems:
         redirected = {k: data[k] for k in _CONFIG_DIR_KEYS
                       if k in data and os.path.normpath(str(data[k])) != packaged[k]}
+        if redirected and ours:
+            _write_config_atomically(path, packaged)
+            return ConfigStatus(path, "rewritten")
         if redirected:
             warnings.warn(f"LIBERO config {path} redirects {sorted(redirected)} away from the packaged "
                           f"resources (expected {[packaged[k] for k in sorted(redirected)]}, found "
                           f"{[redirected[k] for k in sorted(redirected)]})", stacklevel=2)
         return ConfigStatus(path, "kept")
-    if path.read_text(encoding="utf-8", errors="replace").startswith(_CONFIG_MARKER):
+    if ours:
         _write_config_atomically(path, packaged)
         return ConfigStatus(path, "rewritten")
     raise RuntimeError(f"LIBERO config {path} is invalid: {'; '.join(problems)}. Expected existing directories "
