@@ -100,7 +100,8 @@ class ChunkedDataset(Dataset):
         lengths = [source.episode_length(e) for e in range(source.num_episodes)]
         self.index = build_index(lengths, self.config.chunk_len, self.config.chunk_mode)
         self.epoch = 0
-        self._arrays: tuple[int, dict] | None = None
+        # Normalised once (a few floats per step): shuffled sampling then never re-reads an episode.
+        self.arrays = [self._normalised(source.episode_arrays(e)) for e in range(source.num_episodes)]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -108,17 +109,13 @@ class ChunkedDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _episode(self, e: int) -> dict[str, np.ndarray]:
-        """Normalised state and action of episode `e` (cached: samples of one episode come in runs)."""
-        if self._arrays is None or self._arrays[0] != e:
-            arrays = self.source.episode_arrays(e)
-            nt = self.config.norm_type
-            action = zero_constant_dims(normalize(arrays[ACTION], self.stats.action, nt, what="action"),
-                                        self.stats.action, what="action")
-            state = zero_constant_dims(normalize(arrays[STATE], self.stats.proprio, nt, what="state"),
-                                       self.stats.proprio, what="state")
-            self._arrays = (e, {ACTION: np.asarray(action, np.float32), STATE: np.asarray(state, np.float32)})
-        return self._arrays[1]
+    def _normalised(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Normalised state and action of one episode (the training rule: constant dims become 0)."""
+        out = {}
+        for key, st, what in ((ACTION, self.stats.action, "action"), (STATE, self.stats.proprio, "state")):
+            x = zero_constant_dims(normalize(arrays[key], st, self.config.norm_type, what=what), st, what=what)
+            out[key] = np.asarray(x, np.float32)
+        return out
 
     def generator(self, i: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.config.seed * 1_000_003 + self.epoch) * 1_000_003 + int(i))
@@ -126,7 +123,7 @@ class ChunkedDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         cfg = self.config
         e, t = (int(v) for v in self.index[i])
-        arrays = self._episode(e)
+        arrays = self.arrays[e]
         length = len(arrays[ACTION])
         steps = np.arange(t, t + cfg.chunk_len)
         sample: dict = {
