@@ -43,16 +43,14 @@ def sample_crop_box(g: torch.Generator, area: float = 0.9) -> tuple[float, float
     return offset, offset, offset + side, offset + side
 
 
-def center_box(area: float = 0.9) -> tuple[float, float, float, float]:
-    side = math.sqrt(area)
-    o = (1.0 - side) / 2.0
-    return o, o, o + side, o + side
-
-
 def crop_resize(x: torch.Tensor, box: tuple[float, float, float, float], size: tuple[int, int],
                 mode: str = "bilinear") -> torch.Tensor:
     """Crop `box` from `x` `[..., C, H, W]` and resample to `size`; output pixel i reads input
-    `y0 (H-1) + i (y1-y0)(H-1)/(h-1)`. `mode` "nearest" for depth and masks, "bilinear" otherwise."""
+    `y0 (H-1) + i (y1-y0)(H-1)/(h-1)`. `mode` "nearest" for depth and masks, "bilinear" otherwise.
+
+    The sample positions are TF `crop_and_resize`'s; the arithmetic is `grid_sample`'s (about 4x
+    faster on the training hot path, last-bit rounding aside). Evaluation, where bits must match
+    the released pipeline, uses the TF-order implementation `policies/oft/processor.center_crop`."""
     *lead, c, h, w = x.shape
     y0, x0, y1, x1 = box
     oh, ow = size

@@ -1207,7 +1207,7 @@ class LeRobotWriter:
     def __enter__(self) -> LeRobotWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, *_exc) -> None:
         if exc_type is None:
             self.finalize()
         else:

@@ -36,7 +36,6 @@ import numpy as np
 
 from spatial_forcing.envs.libero import OFT_MAX_STEPS, LiberoEnv
 
-POS_SCALE = 0.05  # metres per unit action (OSC_POSE output_max / input_max)
 ROT_SCALE = 0.5  # radians per unit action
 NOOP_EPS = 1e-4
 GRIPPER_OPEN = -1.0
@@ -202,7 +201,6 @@ class ScriptedExpert:
         sim = self.env.sim
         eef, r_eef = self._eef()
         pts = body_points(sim, self._body_id(self.goal.obj))
-        centre = self._obj_pos()
         lo, hi = pts.min(0), pts.max(0)
         top = float(hi[2])
         height = float(hi[2] - lo[2])
@@ -240,7 +238,6 @@ class ScriptedExpert:
         jitter = self.rng.uniform(-0.005, 0.005, size=3)
         self.grasp = np.array([grasp_xy[0], grasp_xy[1], grasp_z]) + np.array([jitter[0], jitter[1], 0.0]) * 0.4
         self.approach_h = 0.10 + float(jitter[2])
-        self.obj_bottom = float(lo[2])
         self.waypoints: list[_Waypoint] = [
             _Waypoint("approach", self.grasp + [0, 0, self.approach_h], GRIPPER_OPEN, tol=0.012, max_steps=70),
             _Waypoint("descend", self.grasp, GRIPPER_OPEN, tol=0.006, max_steps=40),
@@ -309,9 +306,6 @@ class ScriptedExpert:
         err = target - eef
         a = np.zeros(7)
         a[:3] = np.clip(self.pos_gain * err, -1.0, 1.0)
-        if wp.name == "approach":
-            # rotate first, then translate; keep height while far horizontally
-            pass
         rot_err = _rot_to_axisangle(self.r_goal @ r_eef.T)
         a[3:6] = np.clip(self.rot_gain * rot_err / ROT_SCALE, -1.0, 1.0)
         a[6] = wp.gripper

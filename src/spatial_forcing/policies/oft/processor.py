@@ -165,6 +165,9 @@ def _crop_sample_coords(n_in: int, n_out: int, area: float) -> tuple[torch.Tenso
 def center_crop(view: torch.Tensor, size: int, area: float = CROP_AREA) -> torch.Tensor:
     """Centre crop of `area` (fraction of the image) resampled to `size x size`, TF bilinear style.
 
+    Bit-exact with TF in its operation order (evaluation must match the released pipeline); the
+    training augmentation samples the same positions with the faster `data.augment.crop_resize`.
+
     `view` is a `(3, H, W)` uint8 or float tensor from `as_view_tensor`; the result has the same kind.
     """
     uint8 = view.dtype == torch.uint8
