@@ -1,11 +1,12 @@
 """Training pipeline: chunking at episode ends, normalisation, aligned crops, determinism, resume."""
 
+import colorsys
+
 import numpy as np
 import pytest
 import torch
 
-from spatial_forcing.data.augment import (AugmentConfig, adjust_saturation, crop_intrinsics, crop_resize, hsv_to_rgb,
-                                          rgb_to_hsv)
+from spatial_forcing.data.augment import AugmentConfig, crop_intrinsics, crop_resize, saturation_hue
 from spatial_forcing.data.dataset import ChunkedDataset, PipelineConfig, build_index, make_loader
 from spatial_forcing.data.normalize import normalize
 from spatial_forcing.data.sampler import ResumableSampler
@@ -122,20 +123,20 @@ def test_crop_resize_and_intrinsics_formula():
     assert torch.allclose(k2, torch.tensor([[10.0, 0, 1.5], [0, 10.0, 1.5], [0, 0, 1]]), atol=1e-5)  # scale 1 here
 
 
-@pytest.mark.parametrize("factor", [0.0, 0.8, 1.0, 1.2, 3.0])
-def test_saturation_in_rgb_equals_the_hsv_definition(factor):
-    x = torch.rand(3, 16, 16)
-    x[:, 0, 0] = 0.4  # a grey pixel (S = 0)
-    hsv = rgb_to_hsv(x)
-    expected = hsv_to_rgb(torch.stack([hsv[0], (hsv[1] * factor).clamp(0, 1), hsv[2]]))
-    assert torch.allclose(adjust_saturation(x, factor), expected, atol=1e-5)
-
-
-def test_hsv_round_trip_and_jitter_identity():
-    x = torch.rand(3, 8, 8)
-    assert torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5)
-    hsv = rgb_to_hsv(torch.tensor([1.0, 0.0, 0.0])[:, None, None])
-    assert hsv[:, 0, 0].tolist() == pytest.approx([0.0, 1.0, 1.0])
+@pytest.mark.parametrize("factor,delta", [(0.0, 0.0), (0.8, 0.05), (1.0, -0.05), (1.2, 0.3), (3.0, -0.7)])
+def test_saturation_hue_equals_the_hsv_definition(factor, delta):
+    """Oracle: Python's colorsys, pixel by pixel: S -> min(S f, 1), H -> (H + d) mod 1."""
+    x = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0))
+    x[:, 0, 0] = 0.4  # grey (S = 0)
+    x[:, 0, 1] = torch.tensor([1.0, 0.0, 0.0])  # pure red, hue 0
+    x[:, 0, 2] = torch.tensor([0.2, 0.9, 0.9])  # cyan-ish, hue sector boundary region
+    expected = torch.empty_like(x)
+    for i in range(6):
+        for j in range(6):
+            h, s_, v = colorsys.rgb_to_hsv(*x[:, i, j].tolist())
+            expected[:, i, j] = torch.tensor(colorsys.hsv_to_rgb((h + delta) % 1.0, min(s_ * factor, 1.0), v))
+    assert torch.allclose(saturation_hue(x, factor, delta), expected, atol=1e-5)
+    assert torch.allclose(saturation_hue(x, 1.0, 0.0), x, atol=1e-6)  # identity
 
 
 def test_determinism_and_workers():

@@ -241,6 +241,19 @@ def test_reset_is_deterministic(sim_env):
             np.testing.assert_array_equal(again[key], value, err_msg=key)
 
 
+def test_settle_renders_only_the_last_step_and_changes_nothing(sim_env):
+    env, _ = sim_env
+    env.reset(0)
+    settled = env.settle(4)
+    env.reset(0)
+    for _ in range(4):
+        stepped = env.step(L.DUMMY_ACTION, convention="raw")[0]
+    for key, value in stepped.items():
+        if key != schema.TASK:
+            np.testing.assert_array_equal(settled[key], value, err_msg=key)
+    assert len(env._camera_observables()) == 4  # image + depth of both cameras, sensors restored
+
+
 def test_depth_planes_and_range(sim_env):
     env, snap = sim_env
     near, far = snap["near_far"]

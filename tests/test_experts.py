@@ -9,7 +9,7 @@ pytest.importorskip("libero.libero")
 
 from spatial_forcing.data.lerobot import LeRobotEpisodeSource  # noqa: E402
 from spatial_forcing.envs.collect import collect_libero, parse_tasks  # noqa: E402
-from spatial_forcing.envs.experts import is_noop  # noqa: E402
+from spatial_forcing.envs.experts import box_gaps, fresh_env, is_noop, run_expert_episode  # noqa: E402
 
 
 def test_noop_rule():
@@ -25,6 +25,18 @@ def test_noop_rule():
     assert not is_noop(moving, z)
 
 
+def test_box_gaps_hand_computed():
+    eye = np.eye(3)[None]
+    half = np.array([[0.5, 0.5, 0.5]])
+    assert box_gaps(np.zeros((1, 3)), eye, half, np.array([[2.0, 0.0, 0.0]]), eye, half)[0, 0] == pytest.approx(1.0)
+    assert box_gaps(np.zeros((1, 3)), eye, half, np.array([[0.9, 0.0, 0.0]]), eye, half)[0, 0] == pytest.approx(-0.1)
+    c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
+    rot45 = np.array([[[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]])
+    # a cube turned 45 degrees about z reaches sqrt(0.5) along x
+    gap = box_gaps(np.zeros((1, 3)), eye, half, np.array([[1.5, 0.0, 0.0]]), rot45, half)[0, 0]
+    assert gap == pytest.approx(1.0 - np.sqrt(0.5))
+
+
 def test_unknown_suite_and_task():
     with pytest.raises(ValueError, match="valid suites"):
         parse_tasks("libero_nope", "all")
@@ -38,15 +50,21 @@ def test_unknown_suite_and_task():
 
 def test_expert_collects_a_readable_dataset(tmp_path):
     out = tmp_path / "ds"
-    summary = collect_libero("libero_object", "0", 1, out, image_size=64, depth=True, seed=0, video=True,
-                             progress=False, max_attempts_factor=1)
+    # two worker processes, attempts consumed in order
+    summary = collect_libero("libero_object", "0", 2, out, image_size=64, depth=True, seed=0, video=True,
+                             progress=False, max_attempts_factor=1, jobs=2)
     task = summary["tasks"]["pick_up_the_alphabet_soup_and_place_it_in_the_basket"]
-    assert task["successes"] == 1 and task["attempts"] == 1  # the expert solves init state 0
+    assert task["successes"] == 2 and task["attempts"] == 2  # the expert solves init states 0 and 1
     src = LeRobotEpisodeSource(out)
-    assert src.num_episodes == 1
+    assert src.num_episodes == 2
     assert src.cameras == ["agentview", "wrist"]
+    # the same episodes as the expert run here without a renderer: workers and rendering change nothing
+    for e in range(2):
+        with fresh_env("libero_object", 0, e, render=False) as env:
+            reference = np.stack(run_expert_episode(env, e, seed=e).actions).astype(np.float32)
+        np.testing.assert_array_equal(src.episode_arrays(e, ["action"])["action"], reference)
     length = src.episode_length(0)
-    assert length == task["mean_length"] == task["env_steps"]  # every executed step is recorded
+    assert length + src.episode_length(1) == 2 * task["mean_length"] == task["env_steps"]  # all recorded
     assert src.task(0) == "pick up the alphabet soup and place it in the basket"
     arrays = src.episode_arrays(0, ["observation.state", "action"])
     assert arrays["observation.state"].shape == (length, 8)

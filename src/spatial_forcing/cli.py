@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -145,7 +146,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from .envs.collect import collect_libero, format_summary
 
     summary = collect_libero(args.suite, args.tasks, args.episodes, args.out, image_size=args.image_size,
-                             depth=not args.no_depth, seed=args.seed, video=not args.png, overwrite=args.overwrite)
+                             depth=not args.no_depth, seed=args.seed, video=not args.png, overwrite=args.overwrite,
+                             jobs=args.jobs)
     print(format_summary(summary))
     return 0
 
@@ -203,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", required=True, help="output LeRobot dataset folder")
     p.add_argument("--fps", type=int, default=20, help="frame rate recorded in info.json (LIBERO control: 20 Hz)")
     p.add_argument("--png", action="store_true", help="store frames as PNG instead of mp4 video")
+    p.add_argument("--jobs", type=int, default=max(1, min(os.cpu_count() or 1, 8)),
+                   help="simulator worker processes (default: one per CPU core, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --dst")
     p.add_argument("--no-verify", action="store_true", help="skip the CRC checks (faster)")
     p.set_defaults(func=cmd_convert_rlds)
@@ -229,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-depth", action="store_true", help="do not record metric depth")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png", action="store_true", help="store frames as PNG instead of mp4 video")
+    p.add_argument("--jobs", type=int, default=max(1, min(os.cpu_count() or 1, 8)),
+                   help="simulator worker processes (default: one per CPU core, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(func=cmd_collect)
     return parser

@@ -79,36 +79,23 @@ def crop_intrinsics(k: torch.Tensor, box: tuple[float, float, float, float], in_
     return out
 
 
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    """`[..., 3, H, W]` RGB in [0, 1] -> HSV with hue in [0, 1) (0 for grey pixels)."""
-    maxc, which = x.max(dim=-3)
-    minc = x.min(dim=-3).values
-    delta = maxc - minc
-    s = delta / maxc.clamp(min=1e-12)
+def saturation_hue(x: torch.Tensor, factor: float, delta: float) -> torch.Tensor:
+    """HSV saturation x `factor` (clamped to [0, 1]) then hue + `delta` (wrapping), on `[..., 3, H, W]`
+    in [0, 1], in one pass. Saturation leaves hue and value alone, so both edit one HSV decomposition:
+    with V = max, C = max - min and hue sector ``h6 = 6 H``, the result is
+    ``V - min(C factor, V) * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + h6 + 6 delta) mod 6`` for
+    n = 5, 3, 1 (R, G, B). Grey pixels (C = 0) stay grey."""
+    v, which = x.max(dim=-3)
+    chroma = v - x.min(dim=-3).values
     r, g, b = x.unbind(-3)
-    inv = 1.0 / delta.clamp(min=1e-12)
-    h = torch.where(which == 0, (g - b) * inv, torch.where(which == 1, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    return torch.stack([h, s, maxc], dim=-3)
-
-
-def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """`f(n) = V - V S max(0, min(k, 4 - k, 1))` with `k = (n + 6 h) mod 6`; R, G, B = f(5), f(3), f(1)."""
-    h, s, v = x.unbind(-3)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(3, *([1] * h.dim()))
-    k = (n + h.unsqueeze(0) * 6.0) % 6.0
+    inv = 1.0 / chroma.clamp(min=1e-12)
+    h6 = torch.where(which == 0, (g - b) * inv, torch.where(which == 1, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv))
+    h6 = h6 + 6.0 * delta
+    new_chroma = torch.minimum(chroma * factor, v)
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(3, *([1] * h6.dim()))
+    k = (n + h6.unsqueeze(0)) % 6.0
     w = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    out = v.unsqueeze(0) - (v * s).unsqueeze(0) * w
-    return out.movedim(0, -3)
-
-
-def adjust_saturation(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """HSV saturation x `factor`, clamped to [0, 1], computed in RGB: with V = max and m = min over
-    channels, `S = (V - m) / V` and each channel is `V - (V - x) * min(factor, 1 / S)`."""
-    v = x.max(dim=-3, keepdim=True).values
-    m = x.min(dim=-3, keepdim=True).values
-    ratio = torch.where(v > m, torch.clamp(v / (v - m).clamp(min=1e-12), max=factor), torch.zeros_like(v))
-    return v - (v - x) * ratio
+    return (v.unsqueeze(0) - new_chroma.unsqueeze(0) * w).movedim(0, -3)
 
 
 def color_jitter(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
@@ -116,10 +103,8 @@ def color_jitter(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig) -> tor
     x = (x + _uniform(g, -cfg.brightness, cfg.brightness)).clamp(0, 1)
     mean = x.mean(dim=(-2, -1), keepdim=True)
     x = ((x - mean) * _uniform(g, *cfg.contrast) + mean).clamp(0, 1)
-    x = adjust_saturation(x, _uniform(g, *cfg.saturation)).clamp(0, 1)
-    hsv = rgb_to_hsv(x)
-    hue = (hsv[0] + _uniform(g, -cfg.hue, cfg.hue)) % 1.0
-    return hsv_to_rgb(torch.stack([hue, hsv[1], hsv[2]])).clamp(0, 1)
+    factor = _uniform(g, *cfg.saturation)
+    return saturation_hue(x, factor, _uniform(g, -cfg.hue, cfg.hue)).clamp(0, 1)
 
 
 def augment_view(image: torch.Tensor, g: torch.Generator, cfg: AugmentConfig

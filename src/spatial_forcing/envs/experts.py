@@ -24,6 +24,7 @@ Public API
                                                 .phase, .done (finished its script)
     is_noop(action, prev_kept) -> bool          DATA.md A.5 rule
     run_expert_episode(env, init_index, seed=0, max_steps=None, on_step=None) -> EpisodeResult
+    fresh_env(suite, task, layout_seed, **env_kwargs) -> LiberoEnv   one attempt's env, layout from the seed
 """
 
 from __future__ import annotations
@@ -131,6 +132,132 @@ def _rot_to_axisangle(r: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
+# Grasp planning: candidate grasps, gripper/obstacle clearance (oriented boxes), reach
+# --------------------------------------------------------------------------------------------------
+
+CLEARANCE = 0.004  # metres between the open gripper's collision boxes and any obstacle
+SHOULDER_BODY = "robot0_link2"
+REACH = 0.74  # flange distance from the shoulder beyond which the Panda nears full extension
+FLANGE_ABOVE_GRIP = 0.10
+_ROBOT_PREFIXES = ("robot0_", "gripper0_", "mount0_")
+
+
+@dataclass(frozen=True)
+class _Grasp:
+    xy: np.ndarray  # grip-site target (world xy)
+    z: float
+    close_axis: np.ndarray  # horizontal unit vector the fingers close along
+    cost: float  # preference among clear grasps (0 = best)
+
+
+def _grasp_candidates(pts: np.ndarray, is_bowl: bool) -> list[_Grasp]:
+    """Grasps of an object whose collision-box corners are `pts`: bowls at the rim (closing radially, 24
+    angles); other objects top-down, closing along the narrow footprint axis, centred or shifted along the
+    long axis (round ones also at 12 yaws)."""
+    lo, hi = pts.min(0), pts.max(0)
+    top, height = float(hi[2]), float(hi[2] - lo[2])
+    xy = pts[:, :2] - pts[:, :2].mean(0)
+    _, v = np.linalg.eigh(xy.T @ xy)
+    proj = xy @ v
+    half = (proj.max(0) - proj.min(0)) / 2.0
+    mid = pts[:, :2].mean(0) + v @ ((proj.max(0) + proj.min(0)) / 2.0)
+    out = []
+    if is_bowl:
+        rim = float(max(half)) - 0.012
+        for k in range(24):
+            u = np.array([math.cos(2 * math.pi * k / 24), math.sin(2 * math.pi * k / 24)])
+            out.append(_Grasp(mid + u * rim, top - 0.025, u, 0.0))
+        return out
+    z = max(top - min(0.04, 0.6 * height), float(lo[2]) + 0.012)
+    narrow = int(np.argmin(half))
+    long_axis, short_axis = v[:, 1 - narrow], v[:, narrow]
+    if abs(half[0] - half[1]) < 0.004:  # round footprint: any closing direction
+        axes = [np.array([math.cos(math.pi * k / 12), math.sin(math.pi * k / 12)]) for k in range(12)]
+        return [_Grasp(mid, z, a, 0.001 * k) for k, a in enumerate(axes)]
+    shift = max(0.0, float(half[1 - narrow]) - 0.02)
+    for s in np.linspace(-shift, shift, 9) if shift > 0 else [0.0]:
+        out.append(_Grasp(mid + s * long_axis, z, short_axis, abs(float(s))))
+    return out
+
+
+def _geom_boxes(m: Any, d: Any, geoms: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """World oriented boxes (centres [N,3], rotations [N,3,3], half sizes [N,3]) of the geoms' AABBs."""
+    g = np.asarray(geoms, dtype=np.int64)
+    rot = np.asarray(d.geom_xmat, dtype=np.float64)[g].reshape(-1, 3, 3)
+    aabb = np.asarray(m.geom_aabb, dtype=np.float64)[g]
+    centre = np.asarray(d.geom_xpos, dtype=np.float64)[g] + np.einsum("nij,nj->ni", rot, aabb[:, :3])
+    return centre, rot, aabb[:, 3:]
+
+
+def box_gaps(ca: np.ndarray, ra: np.ndarray, ha: np.ndarray,
+             cb: np.ndarray, rb: np.ndarray, hb: np.ndarray) -> np.ndarray:
+    """Separating-axis gap [Na, Nb] between oriented boxes: > 0 means disjoint by at least that much along
+    some axis (a lower bound on their distance); <= 0 means they overlap."""
+    axa, axb = np.swapaxes(ra, 1, 2), np.swapaxes(rb, 1, 2)  # [N, 3 axes, 3]
+    cross = np.cross(axa[:, None, :, None, :], axb[None, :, None, :, :]).reshape(len(ca), len(cb), 9, 3)
+    axes = np.concatenate([np.broadcast_to(axa[:, None], (len(ca), len(cb), 3, 3)),
+                           np.broadcast_to(axb[None, :], (len(ca), len(cb), 3, 3)), cross], axis=2)
+    norm = np.linalg.norm(axes, axis=-1, keepdims=True)
+    valid = norm[..., 0] > 1e-6
+    axes = axes / np.maximum(norm, 1e-12)
+    t = np.abs(np.einsum("abkj,abj->abk", axes, cb[None, :] - ca[:, None]))
+    rad_a = np.einsum("abki,ai->abk", np.abs(np.einsum("abkj,aij->abki", axes, axa)), ha)
+    rad_b = np.einsum("abki,bi->abk", np.abs(np.einsum("abkj,bij->abki", axes, axb)), hb)
+    gap = np.where(valid, t - rad_a - rad_b, -np.inf)
+    return gap.max(axis=-1)
+
+
+class _Scene:
+    """The open gripper's collision boxes in the grip-site frame, the obstacles around the object, and the
+    shoulder position, captured once per plan."""
+
+    def __init__(self, local: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 obstacles: tuple[np.ndarray, np.ndarray, np.ndarray], shoulder: np.ndarray) -> None:
+        self.local, self.obstacles, self.shoulder = local, obstacles, shoulder
+
+    @classmethod
+    def capture(cls, sim: Any, obj_id: int, site: np.ndarray, r_site: np.ndarray, obj_bottom: float,
+                radius: float = 0.35) -> _Scene:
+        m, d = sim.model._model, sim.data._data
+        import mujoco
+
+        own = set(_subtree_bodies(m, obj_id))
+        collide = [g for g in range(m.ngeom) if int(m.geom_contype[g]) or int(m.geom_conaffinity[g])]
+        names = [mujoco.mj_id2name(m, mujoco.mjtObj.mjOBJ_BODY, int(m.geom_bodyid[g])) or "" for g in collide]
+        grip = [g for g, n in zip(collide, names) if n.startswith("gripper0_")]
+        c, r, h = _geom_boxes(m, d, grip)
+        local = ((c - site) @ r_site, np.einsum("ji,njk->nik", r_site, r), h)
+        others = [g for g, n in zip(collide, names)
+                  if not n.startswith(_ROBOT_PREFIXES) and int(m.geom_bodyid[g]) not in own]
+        c, r, h = _geom_boxes(m, d, others)
+        ext = np.einsum("nij,nj->ni", np.abs(r), h)  # world AABB half extents of each box
+        centre_xy = np.asarray(d.xpos[obj_id], dtype=np.float64)[:2]
+        near_xy = np.maximum(np.abs(c[:, :2] - centre_xy) - ext[:, :2], 0.0)
+        keep = (c[:, 2] + ext[:, 2] > obj_bottom + 0.004) & (np.linalg.norm(near_xy, axis=1) < radius)
+        obstacles = (c[keep], r[keep], h[keep])
+        shoulder = np.asarray(d.xpos[mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_BODY, SHOULDER_BODY)], np.float64)
+        return cls(local, obstacles, shoulder)
+
+    def clearance(self, grip: np.ndarray, r_grip: np.ndarray, rises: tuple[float, ...] = (0.0, 0.03, 0.06, 0.1)
+                  ) -> float:
+        """Smallest gap between the open gripper (grip site at `grip`, then raised by `rises`, the descent
+        path) and any obstacle; +inf without obstacles."""
+        if len(self.obstacles[0]) == 0:
+            return math.inf
+        c_l, r_l, h = self.local
+        r_w = np.einsum("ij,njk->nik", r_grip, r_l)
+        worst = math.inf
+        for dz in rises:
+            c_w = grip + np.array([0.0, 0.0, dz]) + c_l @ r_grip.T
+            worst = min(worst, float(box_gaps(c_w, r_w, h, *self.obstacles).min()))
+        return worst
+
+    def reach_penalty(self, grip: np.ndarray) -> float:
+        flange = grip + np.array([0.0, 0.0, FLANGE_ABOVE_GRIP])
+        return 50.0 * max(0.0, float(np.linalg.norm(flange - self.shoulder)) - REACH)
+
+
+# --------------------------------------------------------------------------------------------------
 # Expert
 # --------------------------------------------------------------------------------------------------
 
@@ -200,43 +327,26 @@ class ScriptedExpert:
     def reset(self) -> None:
         sim = self.env.sim
         eef, r_eef = self._eef()
-        pts = body_points(sim, self._body_id(self.goal.obj))
+        obj_id = self._body_id(self.goal.obj)
+        pts = body_points(sim, obj_id)
         lo, hi = pts.min(0), pts.max(0)
-        top = float(hi[2])
-        height = float(hi[2] - lo[2])
-        # horizontal principal axes of the object's footprint
-        xy = pts[:, :2] - pts[:, :2].mean(0)
-        w, v = np.linalg.eigh(xy.T @ xy)
-        proj = xy @ v
-        half = (proj.max(0) - proj.min(0)) / 2.0  # along v[:,0], v[:,1]
-        mid_xy = pts[:, :2].mean(0) + v @ ((proj.max(0) + proj.min(0)) / 2.0)
-        finger = self._finger_axis()
-        is_bowl = "bowl" in self.goal.obj
-        self.is_bowl = is_bowl
-        if is_bowl:
-            radius = float(max(half))
-            # rim point whose radial direction is closest to the current finger axis, nearer the robot
-            ang = _yaw_of(finger)
-            cands = [np.array([math.cos(ang + s), math.sin(ang + s)]) for s in (0.0, math.pi)]
-            cands.sort(key=lambda u: np.linalg.norm(mid_xy + u * radius - eef[:2]))
-            u = cands[0]
-            rim = radius - 0.012
-            grasp_xy = mid_xy + u * rim
-            close_axis = u
-            grasp_z = top - 0.025
-        else:
-            narrow = int(np.argmin(half))
-            close_axis = v[:, narrow]
-            grasp_xy = mid_xy
-            # grasp near the top of the object, deep enough for the finger pads
-            grasp_z = max(top - min(0.04, 0.6 * height), lo[2] + 0.012)
-        dyaw = _wrap_half_pi(_yaw_of(close_axis) - _yaw_of(finger))
-        if not is_bowl and abs(half[0] - half[1]) < 0.004:  # round: no need to turn
-            dyaw = 0.0
-        self.r_goal = _rotz(dyaw) @ r_eef
-        self.r_goal = self._downright(self.r_goal)
+        self.is_bowl = "bowl" in self.goal.obj
+        scene = _Scene.capture(sim, obj_id, eef, r_eef, float(lo[2]))
+        centre, _ = self._target_point()
+        best = None
+        for cand in _grasp_candidates(pts, self.is_bowl):
+            dyaw = _wrap_half_pi(_yaw_of(cand.close_axis) - _yaw_of(self._finger_axis()))
+            r_goal = self._downright(_rotz(dyaw) @ r_eef)
+            grasp = np.array([cand.xy[0], cand.xy[1], cand.z])
+            place = np.array([*(centre[:2] + cand.xy - pts[:, :2].mean(0)), cand.z + 0.05])
+            gap = scene.clearance(grasp, r_goal)
+            cost = (cand.cost + 0.02 * abs(dyaw) + scene.reach_penalty(grasp) + scene.reach_penalty(place)
+                    + (0.0 if gap >= CLEARANCE else 10.0 + 100.0 * (CLEARANCE - gap)))
+            if best is None or cost < best[0]:
+                best = (cost, grasp, r_goal)
+        _, grasp, self.r_goal = best
         jitter = self.rng.uniform(-0.005, 0.005, size=3)
-        self.grasp = np.array([grasp_xy[0], grasp_xy[1], grasp_z]) + np.array([jitter[0], jitter[1], 0.0]) * 0.4
+        self.grasp = grasp + np.array([jitter[0], jitter[1], 0.0]) * 0.4
         self.approach_h = 0.10 + float(jitter[2])
         self.waypoints: list[_Waypoint] = [
             _Waypoint("approach", self.grasp + [0, 0, self.approach_h], GRIPPER_OPEN, tol=0.012, max_steps=70),
@@ -333,15 +443,27 @@ class EpisodeResult:
     phase: str = ""
 
 
+def fresh_env(suite: str, task: int | str, layout_seed: int, **kwargs: Any) -> LiberoEnv:
+    """A new env for one expert attempt. LIBERO lays fixtures out (cabinets, stoves, ...) from numpy's
+    global RNG, and every hard reset re-places them starting from the previous layout; here the layout is
+    drawn once at construction from `layout_seed` and soft resets keep it, so an episode in this env is a
+    function of (task, init state, seeds) alone, whichever process runs it (and a reset costs 0.4 s, not 2)."""
+    np.random.seed(int(layout_seed))
+    return LiberoEnv(suite, task, seed=None, hard_reset=False, **kwargs)
+
+
 def run_expert_episode(env: LiberoEnv, init_index: int, seed: int = 0, max_steps: int | None = None,
                        on_step: Callable[[dict[str, Any], np.ndarray], None] | None = None,
                        settle: bool = True) -> EpisodeResult:
-    """Reset to benchmark init state `init_index`, settle, and run the expert until success or `max_steps`.
+    """Reset to benchmark init state `init_index` with the layout RNG seeded by `seed`, settle, and run the
+    expert (seeded by `seed`) until success or `max_steps`. On a freshly created env the episode is a pure
+    function of (task, init_index, seed); on a reused one the fixtures' layout also depends on its past
+    resets (see `LiberoEnv.reset`).
 
     `on_step(obs, action)` is called for every executed (non-no-op) action with the observation the
     action was chosen on (the recording convention of the published data). Stops right after success.
     """
-    obs = env.reset(init_index)
+    obs = env.reset(init_index, seed=seed)
     if settle:
         obs = env.settle()
     expert = ScriptedExpert(env, seed=seed)

@@ -574,23 +574,35 @@ def _register_atexit_close() -> None:
         _ATEXIT_REGISTERED = True
 
 
+def _blank_like(sensor: Any, shape: tuple[int, ...]) -> Any:
+    """A robosuite sensor returning zeros of `shape` (keeps the original's modality tag)."""
+    def blank(obs_cache: dict[str, Any]) -> np.ndarray:
+        return np.zeros(shape, dtype=np.uint8)
+
+    blank.__modality__ = getattr(sensor, "__modality__", None)  # type: ignore[attr-defined]
+    return blank
+
+
 class LiberoEnv:
     """One LIBERO task in an ``OffScreenRenderEnv``, with canonical observations (see module docstring).
 
     Matches the OFT protocol: ``seed`` is applied once at creation (``env.seed``, i.e. numpy's global
     RNG), ``reset(i)`` = ``env.reset()`` + ``env.set_init_state(init_states[i])``, ``settle()`` = the 10
     wait steps with ``DUMMY_ACTION``. Use as a context manager or call ``close()``.
+    ``render=False`` builds no renderer: observations carry state and camera poses but no images or depth
+    (for privileged-state work such as the experts' success sweep, about 10x faster).
     """
 
     def __init__(self, suite: str, task: int | str, *, image_size: int | tuple[int, int] = 128,
                  depth: bool = True, seed: int | None = 0,
                  camera_names: Sequence[str] = ("agentview", "robot0_eye_in_hand"),
                  action_convention: ActionConvention = "raw", image_orientation: ImageOrientation = "rot180",
-                 instruction: InstructionSource = "auto", hard_reset: bool = True) -> None:
+                 instruction: InstructionSource = "auto", hard_reset: bool = True, render: bool = True) -> None:
         self._env: Any = None
+        self.render = bool(render)
         self.task_info = get_task(suite, task)
         self.height, self.width = self._check_size(image_size)
-        self.depth = bool(depth)
+        self.depth = bool(depth) and self.render
         self.robosuite_cameras = self._check_cameras(camera_names)
         self.cameras = [canonical_camera_name(c) for c in self.robosuite_cameras]
         if action_convention not in ("oft", "raw"):
@@ -637,11 +649,13 @@ class LiberoEnv:
         if macros.IMAGE_CONVENTION != "opengl":
             raise RuntimeError(f"robosuite IMAGE_CONVENTION: expected 'opengl' (what the published data were "
                                f"rendered with), found {macros.IMAGE_CONVENTION!r} (a private macro file?)")
-        from libero.libero.envs import OffScreenRenderEnv
+        from libero.libero.envs.env_wrapper import ControlEnv
 
-        env = OffScreenRenderEnv(bddl_file_name=self.task_info.bddl_file, camera_heights=self.height,
-                                 camera_widths=self.width, camera_depths=self.depth,
-                                 camera_names=list(self.robosuite_cameras), hard_reset=hard_reset)
+        # OffScreenRenderEnv == ControlEnv with an offscreen renderer; render=False drops the renderer
+        env = ControlEnv(bddl_file_name=self.task_info.bddl_file, camera_heights=self.height,
+                         camera_widths=self.width, camera_depths=self.depth,
+                         camera_names=list(self.robosuite_cameras), hard_reset=hard_reset,
+                         has_renderer=False, has_offscreen_renderer=self.render, use_camera_obs=self.render)
         # robosuite registers eglTerminate at its first GL context; ours, registered later, runs first
         _register_atexit_close()
         known = set(env.sim.model.camera_names)
@@ -705,9 +719,17 @@ class LiberoEnv:
         return camera_to_world(sim.data.cam_xpos[cam_id], sim.data.cam_xmat[cam_id], self.image_orientation)
 
     # ---- episode API ----
-    def reset(self, init_state_index: int = 0) -> dict[str, Any]:
-        """``env.reset()`` then ``set_init_state(init_states[init_state_index])``; canonical observation."""
+    def reset(self, init_state_index: int = 0, seed: int | None = None) -> dict[str, Any]:
+        """``env.reset()`` then ``set_init_state(init_states[init_state_index])``; canonical observation.
+
+        A hard reset re-places fixtures (cabinets, stoves, ...) with numpy's global RNG, from where the
+        previous layouts left them, and init states fix only the movable objects: an episode depends on
+        every reset of this env before it. ``seed`` reseeds that RNG first; the first reset of a fresh
+        env is then a function of (task, init state, seed) alone. ``None`` keeps the OFT protocol (one
+        seed at creation, episodes in sequence)."""
         self._check_open()
+        if seed is not None:
+            self._env.seed(int(seed))
         if not isinstance(init_state_index, (int, np.integer)) or isinstance(init_state_index, bool) \
                 or not 0 <= int(init_state_index) < self.num_init_states:
             raise ValueError(f"init_state_index: expected an int in 0..{self.num_init_states - 1}, "
@@ -735,13 +757,30 @@ class LiberoEnv:
 
     def settle(self, steps: int = NUM_SETTLE_STEPS) -> dict[str, Any]:
         """`steps` wait steps with ``DUMMY_ACTION`` (env units, gripper open); ``done`` is ignored, as in
-        OFT. Returns the observation after the last step (the policy's first input)."""
+        OFT. Returns the observation after the last step (the policy's first input). The cameras render
+        only in the last step: the frames before are discarded, and rendering never changes the physics."""
         if steps < 1:
             raise ValueError(f"settle: expected steps >= 1, found {steps}")
-        obs: dict[str, Any] = {}
-        for _ in range(int(steps)):
-            obs = self.step(DUMMY_ACTION, convention="raw")[0]
-        return obs
+        self._check_open()
+        # The discarded steps keep robosuite's sampling clock running (it decides in which substep a
+        # camera samples) but swap the cameras' sensors for blanks, so nothing renders.
+        sensors = [(o, o._sensor) for o in self._camera_observables()]
+        try:
+            for observable, _ in sensors:
+                observable._sensor = _blank_like(observable._sensor, observable._data_shape)
+            for _ in range(int(steps) - 1):
+                self._env.step(list(DUMMY_ACTION))
+        finally:
+            for observable, sensor in sensors:
+                observable._sensor = sensor
+        return self.step(DUMMY_ACTION, convention="raw")[0]
+
+    def _camera_observables(self) -> list[Any]:
+        """robosuite's image/depth observables of our cameras (none without a renderer)."""
+        if not self.render:
+            return []
+        names = {f"{c}_{kind}" for c in self.robosuite_cameras for kind in ("image", "depth")}
+        return [o for name, o in self.raw_env.env._observables.items() if name in names]
 
     def check_success(self) -> bool:
         return bool(self.raw_env.check_success())
@@ -756,7 +795,8 @@ class LiberoEnv:
         obs: dict[str, Any] = {}
         near, far = self.depth_planes() if self.depth else (0.0, 0.0)
         for rs_name, name in zip(self.robosuite_cameras, self.cameras):
-            obs[IMAGE + name] = orient_image(raw[f"{rs_name}_image"], self.image_orientation)
+            if self.render:
+                obs[IMAGE + name] = orient_image(raw[f"{rs_name}_image"], self.image_orientation)
             if self.depth:
                 z = orient_image(raw[f"{rs_name}_depth"][..., 0], self.image_orientation)
                 obs[DEPTH + name] = zbuffer_to_metric(z, near, far)
