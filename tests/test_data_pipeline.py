@@ -102,7 +102,8 @@ def test_crop_keeps_image_depth_and_intrinsics_aligned():
         img, depth = s["observation.images.agentview"][0], s["observation.depth.agentview"]
         box = s["crop_box.agentview"].tolist()
         assert box != [0.0, 0.0, 1.0, 1.0] and abs((box[2] - box[0]) - 0.9 ** 0.5) < 1e-6
-        bright = (img > 0.5).nonzero().float().mean(0)
+        assert img.dtype == torch.uint8  # as the published pipeline, after augmentation
+        bright = (img > 127).nonzero().float().mean(0)
         near = (depth < 1.0).nonzero().float().mean(0)
         assert torch.allclose(bright, near, atol=0.75), (bright, near)
         # The marked block's centre (11, 21) in the original maps through the new intrinsics too.

@@ -85,17 +85,21 @@ def saturation_hue(x: torch.Tensor, factor: float, delta: float) -> torch.Tensor
     with V = max, C = max - min and hue sector ``h6 = 6 H``, the result is
     ``V - min(C factor, V) * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + h6 + 6 delta) mod 6`` for
     n = 5, 3, 1 (R, G, B). Grey pixels (C = 0) stay grey."""
-    v, which = x.max(dim=-3)
-    chroma = v - x.min(dim=-3).values
     r, g, b = x.unbind(-3)
-    inv = 1.0 / chroma.clamp(min=1e-12)
-    h6 = torch.where(which == 0, (g - b) * inv, torch.where(which == 1, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv))
-    h6 = h6 + 6.0 * delta
-    new_chroma = torch.minimum(chroma * factor, v)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(3, *([1] * h6.dim()))
-    k = (n + h6.unsqueeze(0)) % 6.0
-    w = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    return (v.unsqueeze(0) - new_chroma.unsqueeze(0) * w).movedim(0, -3)
+    v = torch.maximum(torch.maximum(r, g), b)
+    chroma = v - torch.minimum(torch.minimum(r, g), b)
+    inv = chroma.clamp_min(1e-12).reciprocal_()
+    # hue sector in [0, 6): the max channel decides (ties: red, then green, as argmax)
+    h6 = torch.where(v == r, (g - b).mul_(inv),
+                     torch.where(v == g, (b - r).mul_(inv).add_(2.0), (r - g).mul_(inv).add_(4.0)))
+    h6 = h6.add_(6.0 * delta).remainder_(6.0)
+    new_chroma = torch.minimum(chroma.mul_(factor), v)
+    out = []
+    for n in (5.0, 3.0, 1.0):  # R, G, B
+        k = h6 + n
+        k = torch.where(k >= 6.0, k - 6.0, k)
+        out.append(v - new_chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
+    return torch.stack(out, dim=-3)
 
 
 def color_jitter(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:

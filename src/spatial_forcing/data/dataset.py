@@ -3,7 +3,8 @@ augmentation with geometry kept aligned (DATA.md A.6-A.8).
 
 One sample (index -> (episode, t)):
 
-    observation.images.<cam>      float32 [3, S, S] in [0, 1]   (augmented in training)
+    observation.images.<cam>      uint8 [3, S, S]               (augmented in training, then back to uint8
+                                                                 as the published pipeline: trunc(x*255.5))
     observation.state             float32 [S_dim]               normalised (q01/q99 or min/max)
     action                        float32 [K, A]                normalised chunk a[t : t+K]
     action_is_pad                 bool [K]                      True where the chunk ran past the end
@@ -89,7 +90,8 @@ class ChunkedDataset(Dataset):
     """Random access by sample index over an `EpisodeSource`, producing training samples."""
 
     def __init__(self, source: EpisodeSource, stats: DatasetStats, config: PipelineConfig | None = None,
-                 cameras: list[str] | None = None) -> None:
+                 cameras: list[str] | None = None, episodes: list[int] | None = None) -> None:
+        """`episodes`: the episodes to sample from (default all), e.g. a training or held-out split."""
         self.source = source
         self.stats = stats
         self.config = config or PipelineConfig()
@@ -97,11 +99,16 @@ class ChunkedDataset(Dataset):
         unknown = sorted(set(self.cameras) - set(source.cameras))
         if unknown:
             raise ValueError(f"cameras {unknown} are not in the dataset, which has {source.cameras}")
-        lengths = [source.episode_length(e) for e in range(source.num_episodes)]
+        chosen = set(range(source.num_episodes) if episodes is None else episodes)
+        bad = sorted(e for e in chosen if not 0 <= e < source.num_episodes)
+        if bad:
+            raise ValueError(f"episodes {bad[:5]} are not in the dataset ({source.num_episodes} episodes)")
+        lengths = [source.episode_length(e) if e in chosen else 0 for e in range(source.num_episodes)]
         self.index = build_index(lengths, self.config.chunk_len, self.config.chunk_mode)
         self.epoch = 0
         # Normalised once (a few floats per step): shuffled sampling then never re-reads an episode.
-        self.arrays = [self._normalised(source.episode_arrays(e)) for e in range(source.num_episodes)]
+        self.arrays = [self._normalised(source.episode_arrays(e)) if e in chosen else {}
+                       for e in range(source.num_episodes)]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -141,15 +148,17 @@ class ChunkedDataset(Dataset):
         size = cfg.image_size
         for cam in self.cameras:
             raw = frame[IMAGE + cam]
-            image = torch.from_numpy(resize_uint8(raw, size)).permute(2, 0, 1).float() / 255.0
+            image = torch.from_numpy(resize_uint8(raw, size)).permute(2, 0, 1)
             box = (0.0, 0.0, 1.0, 1.0)
             if cfg.augment:
-                image, box = augment_view(image, g, cfg.augment_config)
-            sample[IMAGE + cam] = image
+                augmented, box = augment_view(image.float() / 255.0, g, cfg.augment_config)
+                # back to uint8 as the published pipeline (TF saturating convert_image_dtype)
+                image = (augmented * 255.5).trunc_().clamp_(max=255.0).to(torch.uint8)
+            sample[IMAGE + cam] = image.contiguous()
             sample[f"crop_box.{cam}"] = torch.tensor(box, dtype=torch.float32)
             for key, mode in ((DEPTH + cam, "nearest"), (PAD_MASK + cam, "nearest")):
                 if key in frame and frame[key] is not None:
-                    m = torch.as_tensor(np.asarray(frame[key]))[None].float()
+                    m = torch.as_tensor(np.array(frame[key]))[None].float()
                     m = resize_nearest(m, size)
                     m = crop_resize(m, box, (size, size), mode=mode)[0]
                     sample[key] = m.bool() if key.startswith(PAD_MASK) else m

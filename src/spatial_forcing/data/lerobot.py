@@ -658,7 +658,9 @@ class _VideoReader:
             return
         self._container = av.open(str(self.path))
         self._stream = self._container.streams.video[0]
-        self._stream.thread_type = "AUTO"
+        # one decoding thread: random access decodes one or two frames after each seek, where frame
+        # threading only adds latency, and DataLoader workers already fill the cores
+        self._stream.codec_context.thread_count = 1
         self._tb = self._stream.time_base
         self._pid = os.getpid()
         self._reset()
@@ -677,8 +679,9 @@ class _VideoReader:
         """The cached frame time within `tol` of `ts`, if any."""
         return next((t for t in self._cache if abs(t - ts) < tol), None)
 
-    def _seek(self, ts: float) -> None:
-        self._container.seek(max(0, int(ts / self._tb) - 1), backward=True, any_frame=False, stream=self._stream)
+    def _seek(self, ts: float, tol: float) -> None:
+        # the last keyframe at or before ts + tol: the wanted frame itself when it is a keyframe
+        self._container.seek(max(0, int((ts + tol) / self._tb)), backward=True, any_frame=False, stream=self._stream)
         self._reset()
 
     def _decode_until(self, ts: float, tol: float) -> None:
@@ -700,7 +703,7 @@ class _VideoReader:
         if hit is None:
             ahead = self._last_ts is not None and self._last_ts < ts <= self._last_ts + self._forward_s
             if not ahead:
-                self._seek(ts)
+                self._seek(ts, tol)
             self._decode_until(ts, tol)
             hit = self._lookup(ts, tol)
         if hit is None:
