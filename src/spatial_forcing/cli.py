@@ -237,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulator worker processes (default: one per CPU core, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(func=cmd_collect)
+
+    from .train.cli import add_train_arguments, cmd_train
+
+    p = sub.add_parser("train", help="train a policy with Spatial Forcing (or without: --no-sf)",
+                       description="Train a policy with Spatial Forcing. Start from --preset NAME; every field can "
+                                   "be overridden (--lr 1e-4, --align-coeff 0.2, --no-sf, ...).")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -329,9 +329,9 @@ class ScriptedExpert:
         eef, r_eef = self._eef()
         obj_id = self._body_id(self.goal.obj)
         pts = body_points(sim, obj_id)
-        lo, hi = pts.min(0), pts.max(0)
+        bottom = float(pts[:, 2].min())
         self.is_bowl = "bowl" in self.goal.obj
-        scene = _Scene.capture(sim, obj_id, eef, r_eef, float(lo[2]))
+        scene = _Scene.capture(sim, obj_id, eef, r_eef, bottom)
         centre, _ = self._target_point()
         best = None
         for cand in _grasp_candidates(pts, self.is_bowl):

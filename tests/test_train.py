@@ -1,0 +1,184 @@
+"""`sf train` on the CPU: the compact student + geometry teacher on a small LeRobot dataset written here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spatial_forcing.cli import main as sf_main
+from spatial_forcing.data.lerobot import LeRobotWriter, canonical_features
+from spatial_forcing.policies.oft.policy import OFTPolicy
+from spatial_forcing.train.checkpoint import COMPLETE, list_checkpoints, save_checkpoint
+from spatial_forcing.train.config import PRESETS, TrainConfig
+from spatial_forcing.train.loop import Trainer, TrainingError, validate_config
+
+CAMS = ("agentview", "wrist")
+SIZE = 32
+
+
+def write_dataset(root: Path, episodes: int = 4, length: int = 14, seed: int = 0) -> Path:
+    """Scenes of boxes at random depths: images, metric depth and intrinsics agree; actions follow state."""
+    rng = np.random.default_rng(seed)
+    feats = canonical_features({c: (SIZE, SIZE) for c in CAMS}, 8, 7, depth=True, intrinsics=True, video=False)
+    k = np.array([[30.0, 0, 15.5], [0, 30.0, 15.5], [0, 0, 1]], np.float32)
+    with LeRobotWriter(root, 20, feats, robot_type="panda", video=False, camera_keys=[f"observation.images.{c}" for c in CAMS]) as w:
+        for e in range(episodes):
+            state = rng.normal(size=(length, 8)).astype(np.float32)
+            for t in range(length):
+                frame = {"observation.state": state[t],
+                         "action": np.concatenate([np.tanh(state[t, :6]), [1.0 if t > length // 2 else -1.0]]).astype(np.float32)}
+                for c in CAMS:
+                    depth = np.full((SIZE, SIZE), 2.0, np.float32)
+                    y, x = rng.integers(4, SIZE - 12, size=2)
+                    depth[y:y + 8, x:x + 8] = rng.uniform(0.5, 1.5)
+                    frame[f"observation.images.{c}"] = np.repeat((255 / depth)[..., None], 3, -1).astype(np.uint8)
+                    frame[f"observation.depth.{c}"] = depth
+                    frame[f"observation.intrinsics.{c}"] = k
+                w.add_frame(frame)
+            w.save_episode(task=f"put box {e % 2} on the plate")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+def config(dataset, out, **kw) -> TrainConfig:
+    base = dict(PRESETS["quickstart"], dataset=str(dataset), output_dir=str(out), num_workers=0, batch_size=4,
+                max_steps=6, save_every=3, val_every=0, val_episodes=1, logger="none", log_every=1, lr=2e-3,
+                warmup_steps=0, augment=False)
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def test_presets_follow_the_published_recipe():
+    p = TrainConfig.preset("oft-sf-libero-spatial")
+    assert (p.lora_rank, p.lora_alpha, p.batch_size, p.lr, p.milestones, p.gamma, p.max_steps) == \
+        (32, 16, 8, 5e-4, [100_000], 0.1, 150_000)
+    assert (p.align.student_layer, p.align.teacher_layer, p.align.coeff, p.align.pos_embed_ratio) == (24, -1, 0.5, 0.1)
+    assert p.align.use_pos_embed and p.align.projector_norm and p.teacher == "vggt" and p.sf
+    assert p.policy_overrides == {"visual_token_shift": 1}
+    base = TrainConfig.preset("oft-libero-goal")
+    assert not base.sf and base.policy_overrides == {} and base.lora_rank == 32
+    assert {f"{a}-libero-{s}" for a in ("oft-sf", "oft", "mini-sf", "mini") for s in ("spatial", "object", "goal", "10")} \
+        | {"quickstart"} == set(PRESETS)
+
+
+def test_bad_configurations_fail_before_any_model(dataset, tmp_path):
+    with pytest.raises(ValueError, match="beyond the student's depth"):
+        validate_config(config(dataset, tmp_path, align={**PRESETS["quickstart"]["align"], "student_layer": 9}))
+    with pytest.raises(FileNotFoundError, match="teacher vggt"):
+        validate_config(config(dataset, tmp_path, teacher="vggt", teacher_weights=str(tmp_path / "missing.pt")))
+    with pytest.raises(ValueError, match="no camera"):
+        validate_config(config(dataset, tmp_path, cameras=["agentview", "side"]))
+    with pytest.raises(ValueError, match="val_episodes"):
+        validate_config(config(dataset, tmp_path, val_episodes=4))
+    with pytest.raises(ValueError, match="schedule"):
+        config(dataset, tmp_path, schedule="linear")
+
+
+def test_training_reduces_losses_and_trains_only_what_it_should(dataset, tmp_path):
+    cfg = config(dataset, tmp_path / "run", max_steps=25, save_every=25)
+    trainer = Trainer(cfg, progress=False)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    proj_before = {n: p.detach().clone() for n, p in trainer.sf.named_parameters()}
+    batch = next(iter(trainer._make_loader(0)))  # one fixed batch
+    first = trainer.train_step([batch])
+    for _ in range(24):
+        last = trainer.train_step([batch])
+    assert last["action_loss"] < 0.7 * first["action_loss"]
+    assert last["align_loss"] < 0.9 * first["align_loss"]
+    assert all(not torch.equal(p, proj_before[n]) for n, p in trainer.sf.named_parameters())
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.startswith("action_head") for n in changed) and any(n.startswith("language_model") for n in changed)
+    # the teacher is frozen and has no trainable state
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+
+
+def test_lora_trains_adapters_and_heads_only(dataset, tmp_path):
+    cfg = config(dataset, tmp_path / "lora", lora_rank=4, lora_alpha=4, max_steps=2, save_every=2)
+    trainer = Trainer(cfg, progress=False)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    batch = next(iter(trainer._make_loader(0)))
+    for _ in range(2):
+        trainer.train_step([batch])
+    moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    frozen = {n for n in before if not any(k in n for k in ("lora_", "action_head", "proprio_projector"))}
+    assert not moved & frozen, f"frozen weights changed: {sorted(moved & frozen)[:3]}"
+    assert any("lora_B" in n for n in moved) and any("action_head" in n for n in moved)
+    ckpt = trainer.save()
+    policy = OFTPolicy.from_pretrained(ckpt / "policy")  # merged export, no training code
+    assert not any("lora" in n for n in policy.model.state_dict())
+
+
+def test_resume_continues_exactly(dataset, tmp_path):
+    """6 steps straight vs 3 steps, a checkpoint, the process gone, and `--resume latest` for 3 more."""
+    s = Trainer(config(dataset, tmp_path / "a", max_steps=6, save_every=3), progress=False).fit()
+    cfg = config(dataset, tmp_path / "b", max_steps=6, save_every=3)
+    first = Trainer(cfg, progress=False)
+    batches = iter(first._make_loader(0))
+    for _ in range(3):
+        first.consumed += cfg.batch_size
+        first.train_step([next(batches)])
+    first.save()
+    del first, batches  # nothing but the checkpoint survives
+    resumed = Trainer(cfg, resume="latest", progress=False)
+    assert resumed.step == 3 and resumed.consumed == 3 * cfg.batch_size
+    r = resumed.fit()
+    assert r["steps"] == s["steps"] == 6
+    for key in ("loss", "action_loss", "align_loss"):
+        assert abs(r["last"][key] - s["last"][key]) < 1e-6, key
+    a = OFTPolicy.from_pretrained(Path(s["checkpoint"]) / "policy").model.state_dict()
+    b = OFTPolicy.from_pretrained(Path(r["checkpoint"]) / "policy").model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(ValueError, match="configured differently"):
+        Trainer(config(dataset, tmp_path / "b", max_steps=6, save_every=3, lr=1e-2), resume="latest", progress=False)
+
+
+def test_interrupted_save_keeps_the_last_good_checkpoint(tmp_path):
+    def good(folder):
+        (folder / "x.txt").write_text("ok")
+
+    save_checkpoint(tmp_path, 1, good, keep_last=2)
+
+    def crash(folder):
+        (folder / "x.txt").write_text("half")
+        raise KeyboardInterrupt  # the process is stopped mid-save
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, crash, keep_last=2)
+    found = list_checkpoints(tmp_path)
+    assert [s for s, _ in found] == [1] and (found[0][1] / COMPLETE).is_file()
+    for step in (2, 3, 4):
+        save_checkpoint(tmp_path, step, good, keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_nan_loss_stops_with_the_step(dataset, tmp_path):
+    trainer = Trainer(config(dataset, tmp_path / "nan"), progress=False)
+    batch = next(iter(trainer._make_loader(0)))
+    trainer.train_step([batch])
+    with torch.no_grad():
+        next(trainer.model.action_head.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingError, match="step 2: loss is nan"):
+        trainer.train_step([batch])
+
+
+def test_sf_train_command_line(dataset, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = sf_main(["train", "--preset", "quickstart", "--dataset", str(dataset), "--output-dir", str(out),
+                    "--max-steps", "2", "--batch-size", "4", "--num-workers", "0", "--logger", "tensorboard",
+                    "--val-episodes", "1", "--val-every", "2", "--save-every", "2", "--quiet",
+                    "--align-coeff", "0.25"])
+    text = capsys.readouterr().out
+    assert code == 0 and "trained 2 steps" in text and "val_l1_current" in text
+    ckpt = list_checkpoints(out)[-1][1]
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    assert saved["align"]["coeff"] == 0.25 and saved["max_steps"] == 2
+    assert any((out / "tensorboard").iterdir())
+    assert sf_main(["train", "--preset", "quickstart", "--dataset", str(tmp_path / "nope"), "--quiet"]) == 2
