@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from common import device_name, git_commit  # noqa: E402
+from common import device_name, git_commit, write_result  # noqa: E402
 
 try:
     from spatial_forcing.envs.collect import collect_libero
@@ -55,8 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
            "settings": f"{args.image_size}x{args.image_size}, depth, agentview + wrist, mp4 (LeRobot v3)",
            "results": results, "target_env_steps_per_s": TARGET, "best_env_steps_per_s": best,
            "pass": best >= TARGET}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, out)
     print(f"target >= {TARGET:.0f} env steps/s: {'PASS' if out['pass'] else 'FAIL'} (best {best:.2f}); wrote {args.out}")
     return out
 

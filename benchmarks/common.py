@@ -79,3 +79,11 @@ def git_commit() -> str | None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def write_result(path: Path, doc: dict) -> None:
+    """Write a benchmark result as indented JSON (creating `benchmarks/results/` if needed)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")

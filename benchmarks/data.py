@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import device_name, git_commit  # noqa: E402
+from common import device_name, git_commit, write_result  # noqa: E402
 
 try:
     from spatial_forcing.data.dataset import ChunkedDataset, PipelineConfig, make_loader
@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
            "pipeline": "decode + resize to 224 (Lanczos) + chunk 8 + q01/q99 normalise + crop 90% + colour jitter",
            "results": results, "target_samples_per_s": TARGET,
            "pass": all(r["samples_per_s"] >= TARGET for r in results.values())}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, out)
     print(f"target >= {TARGET:.0f} samples/s: {'PASS' if out['pass'] else 'FAIL'}; wrote {args.out}")
     return out
 
