@@ -281,7 +281,7 @@ class Trainer:
         for batch in batches:
             loss, metrics = self.loss_on(batch)
             if not torch.isfinite(loss):
-                raise TrainingError(f"step {self.step + 1}: loss is {float(loss)} ({metrics}); the last good "
+                raise TrainingError(f"step {self.step + 1}: loss is {loss.item()} ({metrics}); the last good "
                                     f"checkpoint is {self._last_checkpoint()}")
             (loss / len(batches)).backward()
             for k, v in metrics.items():
