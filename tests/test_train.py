@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -114,6 +115,10 @@ def test_lora_trains_adapters_and_heads_only(dataset, tmp_path):
     ckpt = trainer.save()
     policy = OFTPolicy.from_pretrained(ckpt / "policy")  # merged export, no training code
     assert not any("lora" in n for n in policy.model.state_dict())
+    reference = copy.deepcopy(trainer.model).merge_and_unload().state_dict()  # peft's own merge
+    exported = policy.model.state_dict()
+    assert set(exported) == set(reference)
+    assert all(torch.allclose(exported[k], reference[k], atol=1e-6) for k in reference)
 
 
 def test_resume_continues_exactly(dataset, tmp_path):
@@ -182,3 +187,13 @@ def test_sf_train_command_line(dataset, tmp_path, capsys):
     assert saved["align"]["coeff"] == 0.25 and saved["max_steps"] == 2
     assert any((out / "tensorboard").iterdir())
     assert sf_main(["train", "--preset", "quickstart", "--dataset", str(tmp_path / "nope"), "--quiet"]) == 2
+
+
+def test_grad_accumulation_and_clipping(dataset, tmp_path):
+    trainer = Trainer(config(dataset, tmp_path / "acc", grad_accum=2, grad_clip=1e-3), progress=False)
+    loader = iter(trainer._make_loader(0))
+    before = {n: p.detach().clone() for n, p in trainer.sf.named_parameters()}
+    m = trainer.train_step([next(loader), next(loader)])
+    assert trainer.step == 1 and np.isfinite(m["grad_norm"]) and m["grad_norm"] > 1e-3
+    # clipped to a total norm of 1e-3: one AdamW step still moves every projector weight by ~lr
+    assert all(not torch.equal(p, before[n]) for n, p in trainer.sf.named_parameters())

@@ -154,7 +154,7 @@ class ChunkedDataset(Dataset):
                 augmented, box = augment_view(image.float() / 255.0, g, cfg.augment_config)
                 # back to uint8 as the published pipeline (TF saturating convert_image_dtype)
                 image = (augmented * 255.5).trunc_().clamp_(max=255.0).to(torch.uint8)
-            sample[IMAGE + cam] = image.contiguous()
+            sample[IMAGE + cam] = image
             sample[f"crop_box.{cam}"] = torch.tensor(box, dtype=torch.float32)
             for key, mode in ((DEPTH + cam, "nearest"), (PAD_MASK + cam, "nearest")):
                 if key in frame and frame[key] is not None:

@@ -189,10 +189,10 @@ def collect_libero(suite: str, tasks: str | Sequence[int | str] = "all", episode
             for i, info in enumerate(infos):
                 attempts = steps = 0
                 lengths: list[int] = []
-                for success, n_steps, frames, instruction in schedule.outcomes(i):
+                for _, n_steps, frames, instruction in schedule.outcomes(i):
                     attempts += 1
                     steps += n_steps
-                    if success and frames is not None:
+                    if frames is not None:  # kept only for successes
                         for frame in frames:
                             writer.add_frame(frame)
                         writer.save_episode(task=instruction)

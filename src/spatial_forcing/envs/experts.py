@@ -218,9 +218,9 @@ class _Scene:
     @classmethod
     def capture(cls, sim: Any, obj_id: int, site: np.ndarray, r_site: np.ndarray, obj_bottom: float,
                 radius: float = 0.35) -> _Scene:
-        m, d = sim.model._model, sim.data._data
         import mujoco
 
+        m, d = sim.model._model, sim.data._data
         own = set(_subtree_bodies(m, obj_id))
         collide = [g for g in range(m.ngeom) if int(m.geom_contype[g]) or int(m.geom_conaffinity[g])]
         names = [mujoco.mj_id2name(m, mujoco.mjtObj.mjOBJ_BODY, int(m.geom_bodyid[g])) or "" for g in collide]
@@ -329,16 +329,16 @@ class ScriptedExpert:
         eef, r_eef = self._eef()
         obj_id = self._body_id(self.goal.obj)
         pts = body_points(sim, obj_id)
-        bottom = float(pts[:, 2].min())
-        self.is_bowl = "bowl" in self.goal.obj
-        scene = _Scene.capture(sim, obj_id, eef, r_eef, bottom)
+        scene = _Scene.capture(sim, obj_id, eef, r_eef, float(pts[:, 2].min()))
         centre, _ = self._target_point()
+        to_target = centre[:2] - pts[:, :2].mean(0)  # the object's move, applied to the grip point
+        finger_yaw = _yaw_of(self._finger_axis())
         best = None
-        for cand in _grasp_candidates(pts, self.is_bowl):
-            dyaw = _wrap_half_pi(_yaw_of(cand.close_axis) - _yaw_of(self._finger_axis()))
+        for cand in _grasp_candidates(pts, "bowl" in self.goal.obj):
+            dyaw = _wrap_half_pi(_yaw_of(cand.close_axis) - finger_yaw)
             r_goal = self._downright(_rotz(dyaw) @ r_eef)
             grasp = np.array([cand.xy[0], cand.xy[1], cand.z])
-            place = np.array([*(centre[:2] + cand.xy - pts[:, :2].mean(0)), cand.z + 0.05])
+            place = np.array([*(cand.xy + to_target), cand.z + 0.05])
             gap = scene.clearance(grasp, r_goal)
             cost = (cand.cost + 0.02 * abs(dyaw) + scene.reach_penalty(grasp) + scene.reach_penalty(place)
                     + (0.0 if gap >= CLEARANCE else 10.0 + 100.0 * (CLEARANCE - gap)))

@@ -68,9 +68,9 @@ def _policy_config(cfg: TrainConfig) -> Any:
     return None  # upstream checkpoint or hub id: checked when loaded
 
 
-def validate_config(cfg: TrainConfig) -> None:
+def validate_config(cfg: TrainConfig) -> Any:
     """Fail in the first seconds, before any model is loaded: layer index, teacher weights, cameras,
-    batch divisibility."""
+    batch divisibility. Returns the opened dataset."""
     pcfg = _policy_config(cfg)
     if pcfg is not None:
         if cfg.sf:
@@ -85,11 +85,9 @@ def validate_config(cfg: TrainConfig) -> None:
         if w is None or not w.exists():
             raise FileNotFoundError(f"teacher vggt: weights {cfg.teacher_weights!r} not found (expected model.pt, "
                                     f"a .safetensors file or a folder of facebook/VGGT-1B)")
-    try:  # divisibility across processes (torchrun), when launched distributed
-        import torch.distributed as dist
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    except (RuntimeError, ValueError):
-        world = 1
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} does not divide over {world} processes")
     if not cfg.dataset:
@@ -104,6 +102,7 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.val_episodes >= source.num_episodes:
         raise ValueError(f"val_episodes {cfg.val_episodes} leaves no training episode "
                          f"({source.num_episodes} in {cfg.dataset})")
+    return source
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,18 +186,18 @@ def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
 
 class Trainer:
     def __init__(self, config: TrainConfig, resume: str | None = None, progress: bool = True) -> None:
-        validate_config(config)
+        source = validate_config(config)
         self.cfg = config
         self.progress = progress
         self.resume_from = resolve_resume(resume, config.output_dir) if resume else None
         if self.resume_from is not None:
-            saved = TrainConfig.load(self.resume_from / "train_config.json")
-            if saved.to_dict() != config.to_dict():
-                diff = sorted(k for k in config.to_dict() if config.to_dict()[k] != saved.to_dict()[k])
+            saved = TrainConfig.load(self.resume_from / "train_config.json").to_dict()
+            diff = sorted(k for k, v in config.to_dict().items() if saved[k] != v)
+            if diff:
                 raise ValueError(f"--resume {self.resume_from}: the run was configured differently ({diff}); "
                                  f"resume with the saved configuration (train_config.json)")
         self.device = self._device()
-        self._build()
+        self._build(source)
 
     def _device(self) -> torch.device:
         if self.cfg.device == "auto":
@@ -206,8 +205,8 @@ class Trainer:
         return torch.device(self.cfg.device)
 
     # ---------------------------------------------------------------- construction
-    def _build(self) -> None:
-        from spatial_forcing.data.dataset import ChunkedDataset, PipelineConfig, make_loader
+    def _build(self, source: Any) -> None:
+        from spatial_forcing.data.dataset import ChunkedDataset, PipelineConfig
         from spatial_forcing.data.sampler import ResumableSampler
         from spatial_forcing.data.stats import cached_statistics
         from spatial_forcing.teachers import build_teacher
@@ -215,7 +214,6 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
-        source = open_source(cfg.dataset, cfg.standardize)
         self.stats = cached_statistics(source)
         self.policy = build_policy(cfg, self.stats)
         pcfg = self.policy.config
@@ -232,9 +230,6 @@ class Trainer:
                                       augment=False, norm_type=pcfg.norm_type, depth=False, seed=cfg.seed)
             self.val_dataset = ChunkedDataset(source, self.stats, val_pipe, cameras=cfg.cameras,
                                               episodes=list(range(n - cfg.val_episodes, n)))
-        self._make_loader = lambda start: make_loader(
-            self.dataset, ResumableSampler(len(self.dataset), seed=cfg.seed, start=start),
-            batch_size=cfg.batch_size, num_workers=cfg.num_workers)
         if cfg.lora_rank:
             from spatial_forcing.policies.oft.weights import apply_lora
 
@@ -258,36 +253,49 @@ class Trainer:
             self._load_state(self.resume_from)
         self.autocast = (self.device.type == "cuda" and cfg.precision in ("auto", "bf16")) or cfg.precision == "bf16"
 
+    def _make_loader(self, start: int) -> Any:
+        """The training loader, `start` samples into the (infinite, seeded) order."""
+        from spatial_forcing.data.dataset import make_loader
+
+        self.sampler.start = start
+        return make_loader(self.dataset, self.sampler, batch_size=self.cfg.batch_size,
+                           num_workers=self.cfg.num_workers)
+
     # ---------------------------------------------------------------- one step
-    def loss_on(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_on(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch and its metrics (detached tensors: no host sync here)."""
         cfg = self.cfg
         inputs = prepare_batch(batch, cfg.cameras, self.policy.processor, self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model(inputs.policy, align_layer=cfg.align.student_layer if self.sf else None)
             loss = out.action_loss
-            metrics = {k: float(v) for k, v in out.metrics.items()}
+            metrics = dict(out.metrics)
             if self.sf is not None:
                 with torch.no_grad():
                     grid = self.teacher.features(**inputs.teacher)
                 align, sf_metrics = self.sf(out.visual_hidden, grid.feats, grid.valid)
                 loss = loss + cfg.align.coeff * align
-                metrics.update({k: float(v) for k, v in sf_metrics.items()})
-        metrics["loss"] = float(loss.detach())
+                metrics.update(sf_metrics)
+        metrics["loss"] = loss.detach()
         return loss, metrics
 
     def train_step(self, batches: list[dict]) -> dict[str, float]:
         self.model.train()
-        totals: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for batch in batches:
             loss, metrics = self.loss_on(batch)
             if not torch.isfinite(loss):
-                raise TrainingError(f"step {self.step + 1}: loss is {loss.item()} ({metrics}); the last good "
+                raise TrainingError(f"step {self.step + 1}: loss is {loss.item()} "
+                                    f"({ {k: float(v) for k, v in metrics.items()} }); the last good "
                                     f"checkpoint is {self._last_checkpoint()}")
             (loss / len(batches)).backward()
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v / len(batches)
+                sums[k] = sums[k] + v.float() if k in sums else v.float()
+        means = {k: v / len(batches) for k, v in sums.items()}
         if self.cfg.grad_clip > 0:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+            means["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        names = list(means)  # one device->host copy for every metric of the step
+        totals = dict(zip(names, torch.stack([means[k] for k in names]).tolist()))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -345,8 +353,6 @@ class Trainer:
     def _load_state(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        from spatial_forcing.policies.oft.weights import load_model
-
         if self.cfg.lora_rank:
             trained = load_file(str(folder / "trainable.safetensors"))
             own = _trainable(self.model)
@@ -357,7 +363,7 @@ class Trainer:
                 for n, p in own.items():
                     p.copy_(trained[n])
         else:
-            self.policy.model.load_state_dict(load_model(folder / "policy", torch.float32).state_dict())
+            self.policy.model.load_state_dict(load_file(str(folder / "policy" / "model.safetensors")))
         if self.sf is not None:
             self.sf.projector.load_state_dict(load_file(str(folder / "align_projector.safetensors")))
         state = torch.load(folder / "trainer_state.pt", weights_only=False)
@@ -416,13 +422,26 @@ class Trainer:
 
 
 def _merged_copy(policy: Any, peft_model: Any) -> Any:
-    """The policy with LoRA folded into a copy of the weights (the training model is left as it is)."""
-    import copy
+    """The policy with LoRA folded in, built on CPU one tensor at a time (`W + get_delta_weight`): the
+    training model is left as it is, and no second copy of it lands on the accelerator."""
+    from peft.tuners.lora import LoraLayer
 
     from spatial_forcing.policies.oft.policy import OFTPolicy
+    from spatial_forcing.policies.oft.weights import build_model
 
-    merged = copy.deepcopy(peft_model).merge_and_unload()
-    return OFTPolicy(merged, policy.processor, policy.stats, policy.unnorm_key)
+    base = peft_model.get_base_model()
+    deltas = {f"{name}.weight": module.get_delta_weight(module.active_adapters[0]).detach()
+              for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+    state = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        value = value.detach()
+        if key in deltas:
+            value = value + deltas.pop(key).to(value.dtype)
+        state[key] = value.to("cpu", copy=True)
+    return OFTPolicy(build_model(policy.config, state), policy.processor, policy.stats, policy.unnorm_key)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
