@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +18,12 @@ import torch
 from spatial_forcing.cli import main as sf_main
 from spatial_forcing.data.lerobot import LeRobotWriter, canonical_features
 from spatial_forcing.policies.oft.policy import OFTPolicy
-from spatial_forcing.train.checkpoint import COMPLETE, list_checkpoints, save_checkpoint
+from spatial_forcing.train.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
 from spatial_forcing.train.config import PRESETS, TrainConfig
 from spatial_forcing.train.loop import Trainer, TrainingError, validate_config
 
 CAMS = ("agentview", "wrist")
+SRC = Path(__file__).resolve().parents[1] / "src"
 SIZE = 32
 
 
@@ -121,17 +127,30 @@ def test_lora_trains_adapters_and_heads_only(dataset, tmp_path):
     assert all(torch.allclose(exported[k], reference[k], atol=1e-6) for k in reference)
 
 
+def run_killed(args: list[str], until, timeout: float = 180.0) -> None:
+    """Run `args` in a new Python process and SIGKILL it as soon as `until()` holds (or it ends)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        while not until() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert until(), f"the process ended or timed out first: {proc.stdout.read().decode()[-2000:] if proc.poll() is not None else ''}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_resume_continues_exactly(dataset, tmp_path):
-    """6 steps straight vs 3 steps, a checkpoint, the process gone, and `--resume latest` for 3 more."""
+    """6 steps straight vs `sf train` killed (SIGKILL) after its step-3 checkpoint + `--resume latest`."""
     s = Trainer(config(dataset, tmp_path / "a", max_steps=6, save_every=3), progress=False).fit()
-    cfg = config(dataset, tmp_path / "b", max_steps=6, save_every=3)
-    first = Trainer(cfg, progress=False)
-    batches = iter(first._make_loader(0))
-    for _ in range(3):
-        first.consumed += cfg.batch_size
-        first.train_step([next(batches)])
-    first.save()
-    del first, batches  # nothing but the checkpoint survives
+    cfg = config(dataset, tmp_path / "b", max_steps=6, save_every=3, keep_last=5)
+    cfg.save(tmp_path / "b.json")
+    run_killed(["-m", "spatial_forcing.cli", "train", "--config", str(tmp_path / "b.json"), "--quiet"],
+               until=lambda: any(step == 3 for step, _ in list_checkpoints(cfg.output_dir)))
+    for step, folder in list_checkpoints(cfg.output_dir):
+        if step > 3:  # the kill may land later: whatever came after step 3 is lost with the process
+            shutil.rmtree(folder)
     resumed = Trainer(cfg, resume="latest", progress=False)
     assert resumed.step == 3 and resumed.consumed == 3 * cfg.batch_size
     r = resumed.fit()
@@ -142,26 +161,27 @@ def test_resume_continues_exactly(dataset, tmp_path):
     b = OFTPolicy.from_pretrained(Path(r["checkpoint"]) / "policy").model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(ValueError, match="configured differently"):
-        Trainer(config(dataset, tmp_path / "b", max_steps=6, save_every=3, lr=1e-2), resume="latest", progress=False)
+        Trainer(config(dataset, tmp_path / "b", max_steps=6, save_every=3, keep_last=5, lr=1e-2), resume="latest",
+                progress=False)
 
 
-def test_interrupted_save_keeps_the_last_good_checkpoint(tmp_path):
-    def good(folder):
-        (folder / "x.txt").write_text("ok")
+def _good(folder):
+    (folder / "x.txt").write_text("ok")
 
-    save_checkpoint(tmp_path, 1, good, keep_last=2)
 
-    def crash(folder):
-        (folder / "x.txt").write_text("half")
-        raise KeyboardInterrupt  # the process is stopped mid-save
-
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, 2, crash, keep_last=2)
+def test_checkpoint_killed_mid_save_keeps_the_last_good_one(tmp_path):
+    save_checkpoint(tmp_path, 1, _good, keep_last=2)
+    script = ("import sys, time\nfrom pathlib import Path\nfrom spatial_forcing.train.checkpoint import save_checkpoint\n"
+              "def write(folder):\n    (folder / 'x.txt').write_text('half')\n    time.sleep(120)\n"
+              f"save_checkpoint({str(tmp_path)!r}, 2, write, keep_last=2)\n")
+    run_killed(["-c", script], until=lambda: any((tmp_path / "checkpoints").glob("step-0000002.partial-*/x.txt")))
     found = list_checkpoints(tmp_path)
-    assert [s for s, _ in found] == [1] and (found[0][1] / COMPLETE).is_file()
+    assert [s for s, _ in found] == [1] and (found[0][1] / "x.txt").read_text() == "ok"
+    assert resolve_resume("latest", tmp_path) == found[0][1]
     for step in (2, 3, 4):
-        save_checkpoint(tmp_path, step, good, keep_last=2)
+        save_checkpoint(tmp_path, step, _good, keep_last=2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
+    assert not list((tmp_path / "checkpoints").glob("*.partial-*"))  # the dead process's folder is gone
 
 
 def test_nan_loss_stops_with_the_step(dataset, tmp_path):

@@ -152,6 +152,36 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from .teachers import build_teacher
+    from .teachers.cache import build_cache, default_location
+    from .train.loop import open_source
+
+    source = open_source(args.dataset, args.standardize)
+    cameras = args.cameras or list(source.cameras)
+    missing = [c for c in cameras if c not in source.cameras]
+    if missing:
+        raise ValueError(f"dataset {args.dataset} has no camera {missing}; it has {source.cameras}")
+    options = dict(layer=args.layer, weights_dtype=args.weights_dtype) if args.teacher == "vggt" else {}
+    teacher = build_teacher(args.teacher, args.weights, **options).freeze()
+    out = Path(args.output) if args.output else default_location(args.dataset, args.teacher)
+    frames = sum(source.episode_length(e) for e in range(source.num_episodes))
+    print(f"cache {args.teacher} over {frames} frames x {len(cameras)} views of {args.dataset} "
+          f"at {args.image_size} px -> {out}")
+    summary = build_cache(source, teacher, out, teacher_name=args.teacher, weights=args.weights, cameras=cameras,
+                          image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
+                          dtype=args.dtype, device=_device(args.device), progress=not args.quiet)
+    written, seconds = summary["written"], summary["seconds"]
+    if written:
+        print(f"wrote {written} frames{' (resumed)' if summary['resumed'] else ''} in {seconds:.1f} s "
+              f"({written / max(seconds, 1e-9):.1f} frames/s)")
+    else:
+        print("the store was already complete")
+    print(f"store: {summary['bytes'] / 1e9:.2f} GB at {summary['folder']}\n"
+          f"train with: sf train ... --teacher {args.teacher} --teacher-cache {summary['folder']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sf", description="Spatial Forcing: align a VLA policy's visual tokens with a frozen 3D teacher.")
@@ -238,6 +268,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(func=cmd_collect)
 
+    p = sub.add_parser("cache-teacher", help="run a frozen teacher once over a dataset into a feature store",
+                       description="Run the teacher over every (episode, frame) of a dataset, all views together, on "
+                                   "un-augmented frames at the policy's resolution, into a memory-mapped store "
+                                   "(default <dataset>/teacher_cache/<teacher>). Train with --teacher-cache. "
+                                   "Colour jitter does not reach a cached teacher; crops do (the grid is cropped "
+                                   "with the pixels' box). Rerunning an interrupted build resumes it.")
+    p.add_argument("--teacher", default="vggt", choices=["vggt", "geometry"])
+    p.add_argument("--weights", help="vggt: model.pt of facebook/VGGT-1B, a .safetensors file, or a folder")
+    p.add_argument("--dataset", required=True, help="a LeRobot v3 folder or an RLDS folder")
+    p.add_argument("--cameras", nargs="+", help="views in the policy's order (default: the dataset's cameras)")
+    p.add_argument("--image-size", type=int, default=224, help="the policy's input side (OpenVLA-OFT 224, mini 112)")
+    p.add_argument("--standardize", default="libero", help="reader transform ('' for none), as in sf train")
+    p.add_argument("--layer", type=int, default=-1, help="vggt block pair to read (-1 = last, the SF recipe)")
+    p.add_argument("--weights-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored feature precision")
+    p.add_argument("--batch-size", type=int, default=16, help="frames per teacher call")
+    p.add_argument("--num-workers", type=int, default=2, help="frame-decoding worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--output", help="store folder (default <dataset>/teacher_cache/<teacher>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cache_teacher)
+
     from .train.cli import add_train_arguments, cmd_train
 
     p = sub.add_parser("train", help="train a policy with Spatial Forcing (or without: --no-sf)",
@@ -256,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, KeyError) as exc:
+    except (ValueError, OSError, TypeError, KeyError) as exc:
         print(f"sf {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

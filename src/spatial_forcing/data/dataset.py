@@ -13,6 +13,9 @@ One sample (index -> (episode, t)):
     observation.intrinsics.<cam>  float32 [3, 3]                for the resized + cropped image
     observation.pad_mask.<cam>    bool [S, S]                   same crop box (nearest)
     crop_box.<cam>                float32 [4]                   (y0, x0, y1, x1), normalised
+    teacher.feats, teacher.valid  [V, h, w, D], bool [V, h, w]  with a teacher cache: the frame's cached grid,
+                                                                each view cropped with its box (bilinear /
+                                                                nearest)
     episode_index, frame_index    int64
 
 Randomness is a pure function of `(seed, epoch, index)`, so samples are identical with any number
@@ -90,8 +93,11 @@ class ChunkedDataset(Dataset):
     """Random access by sample index over an `EpisodeSource`, producing training samples."""
 
     def __init__(self, source: EpisodeSource, stats: DatasetStats, config: PipelineConfig | None = None,
-                 cameras: list[str] | None = None, episodes: list[int] | None = None) -> None:
-        """`episodes`: the episodes to sample from (default all), e.g. a training or held-out split."""
+                 cameras: list[str] | None = None, episodes: list[int] | None = None,
+                 teacher_cache: object | None = None) -> None:
+        """`episodes`: the episodes to sample from (default all), e.g. a training or held-out split.
+        `teacher_cache`: a store with `read(episode, t) -> (feats [V,h,w,D], valid [V,h,w])` whose views
+        are `cameras` in order (`teachers/cache.TeacherCache`)."""
         self.source = source
         self.stats = stats
         self.config = config or PipelineConfig()
@@ -106,6 +112,7 @@ class ChunkedDataset(Dataset):
         lengths = [source.episode_length(e) if e in chosen else 0 for e in range(source.num_episodes)]
         self.index = build_index(lengths, self.config.chunk_len, self.config.chunk_mode)
         self.epoch = 0
+        self.teacher_cache = teacher_cache
         # Normalised once (a few floats per step): shuffled sampling then never re-reads an episode.
         self.arrays = [self._normalised(source.episode_arrays(e)) if e in chosen else {}
                        for e in range(source.num_episodes)]
@@ -165,7 +172,30 @@ class ChunkedDataset(Dataset):
             if INTRINSICS + cam in frame and frame[INTRINSICS + cam] is not None:
                 k = resize_intrinsics(np.asarray(frame[INTRINSICS + cam]), raw.shape[:2], size)
                 sample[INTRINSICS + cam] = crop_intrinsics(torch.from_numpy(k), box, (size, size), (size, size))
+        if self.teacher_cache is not None:
+            boxes = [tuple(sample[f"crop_box.{cam}"].tolist()) for cam in self.cameras]
+            sample["teacher.feats"], sample["teacher.valid"] = crop_grid(*self.teacher_cache.read(e, t), boxes)
         return sample
+
+
+FULL_BOX = (0.0, 0.0, 1.0, 1.0)
+
+
+def crop_grid(feats: np.ndarray, valid: np.ndarray, boxes: list[tuple[float, float, float, float]]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cached teacher grid `[V,h,w,D]` (+ validity `[V,h,w]`) seen through each view's crop box: the
+    same `crop_resize` as the pixels, bilinear for features and nearest for validity, back to `h x w`."""
+    f, m = torch.from_numpy(feats), torch.from_numpy(valid)
+    h, w = f.shape[1:3]
+    out_f, out_m = [], []
+    for v, box in enumerate(boxes):
+        if box == FULL_BOX:
+            out_f.append(f[v])
+            out_m.append(m[v])
+            continue
+        out_f.append(crop_resize(f[v].permute(2, 0, 1).float(), box, (h, w)).permute(1, 2, 0).to(f.dtype))
+        out_m.append(crop_resize(m[v][None].float(), box, (h, w), mode="nearest")[0] > 0.5)
+    return torch.stack(out_f), torch.stack(out_m)
 
 
 def resize_nearest(m: torch.Tensor, size: int) -> torch.Tensor:

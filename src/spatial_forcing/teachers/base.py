@@ -44,6 +44,7 @@ class Teacher(nn.Module, abc.ABC):
 
     name: str = "teacher"
     dim: int
+    needs_depth: bool = False  # True: `features` needs metric depth and intrinsics (the pipeline loads them)
 
     def freeze(self) -> "Teacher":
         self.requires_grad_(False)

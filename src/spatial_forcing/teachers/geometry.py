@@ -244,6 +244,7 @@ class GeometryTeacher(Teacher):
     """Frozen, weight-free teacher whose patch features encode metric 3-D geometry (module docstring)."""
 
     name = "geometry"
+    needs_depth = True
 
     def __init__(self, config: GeometryConfig | None = None, **overrides) -> None:
         super().__init__()

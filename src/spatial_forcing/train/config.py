@@ -18,6 +18,7 @@ SCHEDULES = ("multistep", "cosine", "constant")
 TEACHERS = ("vggt", "geometry")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOGGERS = ("tensorboard", "wandb", "none")
+PARALLEL = ("ddp", "fsdp")
 SUITES = ("spatial", "object", "goal", "10")
 
 
@@ -35,6 +36,7 @@ class TrainConfig:
     sf: bool = True
     teacher: str = "geometry"
     teacher_weights: str = ""  # vggt: model.pt / safetensors / folder
+    teacher_cache: str = ""  # a store of `sf cache-teacher` ("auto": <dataset>/teacher_cache/<teacher>); "" = online
     align: AlignConfig = field(default_factory=AlignConfig)
     # -- data -----------------------------------------------------------------------------------
     chunk_mode: str = "drop_last"
@@ -44,6 +46,7 @@ class TrainConfig:
     # -- optimisation ---------------------------------------------------------------------------
     batch_size: int = 8  # per process
     grad_accum: int = 1
+    global_batch_size: int = 0  # > 0: sets grad_accum = global / (batch_size x processes), which must divide
     lr: float = 5e-4
     weight_decay: float = 0.01
     schedule: str = "multistep"
@@ -53,6 +56,8 @@ class TrainConfig:
     max_steps: int = 150_000
     grad_clip: float = 0.0  # 0: off; covers every trained parameter, the projector included
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    parallel: str = "ddp"  # under torchrun: "ddp" (LoRA, small models) or "fsdp" (full fine-tuning, sharded)
+    grad_checkpointing: bool = False  # recompute the HF blocks' activations in backward (less memory)
     seed: int = 7
     # -- bookkeeping ----------------------------------------------------------------------------
     output_dir: str = "runs/sf"
@@ -70,6 +75,10 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"schedule: expected one of {SCHEDULES}, found {self.schedule!r}"),
             (self.teacher in TEACHERS, f"teacher: expected one of {TEACHERS}, found {self.teacher!r}"),
             (self.precision in PRECISIONS, f"precision: expected one of {PRECISIONS}, found {self.precision!r}"),
+            (self.parallel in PARALLEL, f"parallel: expected one of {PARALLEL}, found {self.parallel!r}"),
+            (not (self.parallel == "fsdp" and self.lora_rank), "parallel: fsdp shards full fine-tuning; a LoRA run "
+             "trains a few tensors and uses ddp"),
+            (self.global_batch_size >= 0, f"global_batch_size must be >= 0, found {self.global_batch_size}"),
             (self.logger in LOGGERS, f"logger: expected one of {LOGGERS}, found {self.logger!r}"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.max_steps >= 1, f"max_steps must be >= 1, found {self.max_steps}"),
@@ -91,13 +100,15 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_notes": written by the trainer, informative
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
         return cls(**d)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, path: str | Path, notes: dict[str, str] | None = None) -> None:
+        doc = {**self.to_dict(), **({"_notes": notes} if notes else {})}
+        Path(path).write_text(json.dumps(doc, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:

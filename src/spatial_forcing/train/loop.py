@@ -1,15 +1,17 @@
-"""The training loop: policy + (frozen) teacher + Spatial Forcing module, one process (CPU or one GPU).
+"""The training loop: policy + (frozen) teacher + Spatial Forcing module, on one CPU, one GPU or many
+processes under `torchrun` (DDP, or FSDP for full fine-tuning; `distributed.py`).
 
-One step: `grad_accum` micro-batches of `batch_size` samples from the data pipeline ->
-``batch = policy.processor`` inputs -> ``out = policy(batch, align_layer)`` ->
-``loss = out.action_loss + alpha * SF(out.visual_hidden, teacher(batch))`` -> backward -> optional
-clipping over every trained tensor (the projector included) -> AdamW -> schedule. The loop knows
-policies and teachers only through their protocols (`policies/base.py`, `teachers/base.py`).
+One step: `grad_accum` micro-batches of `batch_size` samples (per process) from the data pipeline ->
+the policy's inputs + the teacher grid (online on the same pixels, or cached and cropped with the same
+box) -> ``loss = action_loss + alpha * SF(visual_hidden, grid)`` (`TrainModule`, the one module the
+distributed engine wraps) -> backward -> optional clipping over every trained tensor (the projector
+included) -> AdamW -> schedule. The loop knows policies and teachers only through their protocols
+(`policies/base.py`, `teachers/base.py`).
 
 Public API
 ----------
     Trainer(config, resume=None).fit() -> summary dict
-    validate_config(config) -> None     the cheap checks that run before any model is built
+    validate_config(config) -> source   the cheap checks that run before any model is built
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch.nn as nn
 
 from spatial_forcing.align.module import SpatialForcing
 from spatial_forcing.data.schema import ACTION, DEPTH, IMAGE, INTRINSICS, STATE, TASK
+from spatial_forcing.teachers.base import TeacherGrid
+from spatial_forcing.train import distributed
 from spatial_forcing.train.checkpoint import (list_checkpoints, resolve_resume, rng_state, save_checkpoint,
                                               set_rng_state)
 from spatial_forcing.train.config import TrainConfig
@@ -69,8 +73,8 @@ def _policy_config(cfg: TrainConfig) -> Any:
 
 
 def validate_config(cfg: TrainConfig) -> Any:
-    """Fail in the first seconds, before any model is loaded: layer index, teacher weights, cameras,
-    batch divisibility. Returns the opened dataset."""
+    """Fail in the first seconds, before any model is loaded: layer index, teacher weights or cache,
+    cameras, batch divisibility. Returns the opened dataset."""
     pcfg = _policy_config(cfg)
     if pcfg is not None:
         if cfg.sf:
@@ -80,16 +84,15 @@ def validate_config(cfg: TrainConfig) -> Any:
                                  f"{cfg.policy} has {n} layers (valid: 0..{n}, or negative from the end)")
         if len(cfg.cameras) != pcfg.num_images:
             raise ValueError(f"cameras {cfg.cameras}: the policy takes {pcfg.num_images} images")
-    if cfg.sf and cfg.teacher == "vggt":
+    if cfg.sf and cfg.teacher == "vggt" and not cfg.teacher_cache:
         w = Path(cfg.teacher_weights) if cfg.teacher_weights else None
         if w is None or not w.exists():
             raise FileNotFoundError(f"teacher vggt: weights {cfg.teacher_weights!r} not found (expected model.pt, "
                                     f"a .safetensors file or a folder of facebook/VGGT-1B)")
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} does not divide over {world} processes")
+    world = distributed.world_from_env()
+    if cfg.global_batch_size and cfg.global_batch_size % (cfg.batch_size * world):
+        raise ValueError(f"global_batch_size {cfg.global_batch_size} does not divide into batch_size "
+                         f"{cfg.batch_size} per process x {world} processes")
     if not cfg.dataset:
         raise ValueError("dataset: no dataset given (--dataset PATH)")
     source = open_source(cfg.dataset, cfg.standardize)
@@ -97,12 +100,25 @@ def validate_config(cfg: TrainConfig) -> Any:
     if missing:
         raise ValueError(f"dataset {cfg.dataset} has no camera {missing}; it has {source.cameras}")
     no_depth = [c for c in cfg.cameras if DEPTH + c not in getattr(source, "features", {})]
-    if cfg.sf and cfg.teacher == "geometry" and no_depth:
+    if cfg.sf and cfg.teacher == "geometry" and not cfg.teacher_cache and no_depth:
         raise ValueError(f"teacher geometry needs metric depth, and {cfg.dataset} has none for cameras {no_depth}")
     if cfg.val_episodes >= source.num_episodes:
         raise ValueError(f"val_episodes {cfg.val_episodes} leaves no training episode "
                          f"({source.num_episodes} in {cfg.dataset})")
+    if cfg.sf and cfg.teacher_cache:
+        open_teacher_cache(cfg, source, pcfg.image_size if pcfg is not None else None)
     return source
+
+
+def open_teacher_cache(cfg: TrainConfig, source: Any, image_size: int | None) -> Any:
+    """The run's `TeacherCache` ("auto": beside the dataset), checked against the run."""
+    from spatial_forcing.teachers.cache import TeacherCache, default_location
+
+    folder = default_location(cfg.dataset, cfg.teacher) if cfg.teacher_cache == "auto" else Path(cfg.teacher_cache)
+    cache = TeacherCache(folder)
+    lengths = [source.episode_length(e) for e in range(source.num_episodes)]
+    cache.check(cfg.teacher, cfg.cameras, image_size if image_size is not None else cache.meta["image_size"], lengths)
+    return cache
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,14 +197,38 @@ def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Trainer
+# The trained module and the trainer
 # ------------------------------------------------------------------------------------------------
+
+class TrainModule(nn.Module):
+    """What the distributed engine wraps: the student (LoRA-wrapped or not) and the SF module.
+    ``forward(inputs, grid)`` is one micro-batch's loss and metrics; ``grid=None`` skips alignment
+    (validation, or a run without SF)."""
+
+    def __init__(self, model: nn.Module, sf: SpatialForcing | None, coeff: float, layer: int) -> None:
+        super().__init__()
+        self.model = model
+        self.sf = sf
+        self.coeff = coeff
+        self.layer = layer
+
+    def forward(self, inputs: dict[str, torch.Tensor], grid: TeacherGrid | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        align_on = grid is not None and self.sf is not None
+        out = self.model(inputs, align_layer=self.layer if align_on else None)
+        loss, metrics = out.action_loss, dict(out.metrics)
+        if align_on:
+            align, sf_metrics = self.sf(out.visual_hidden, grid.feats, grid.valid)
+            loss = loss + self.coeff * align
+            metrics.update(sf_metrics)
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
 
 class Trainer:
     def __init__(self, config: TrainConfig, resume: str | None = None, progress: bool = True) -> None:
         source = validate_config(config)
         self.cfg = config
-        self.progress = progress
         self.resume_from = resolve_resume(resume, config.output_dir) if resume else None
         if self.resume_from is not None:
             saved = TrainConfig.load(self.resume_from / "train_config.json").to_dict()
@@ -196,13 +236,20 @@ class Trainer:
             if diff:
                 raise ValueError(f"--resume {self.resume_from}: the run was configured differently ({diff}); "
                                  f"resume with the saved configuration (train_config.json)")
+        self.ctx = distributed.init("cuda" if self._wants_cuda() else "cpu")
+        self.progress = progress and self.ctx.main
         self.device = self._device()
+        self.grad_accum = (config.global_batch_size // (config.batch_size * self.ctx.world)
+                           if config.global_batch_size else config.grad_accum)
         self._build(source)
 
+    def _wants_cuda(self) -> bool:
+        return self.cfg.device == "cuda" or (self.cfg.device == "auto" and torch.cuda.is_available())
+
     def _device(self) -> torch.device:
-        if self.cfg.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.cfg.device)
+        if self._wants_cuda():
+            return torch.device("cuda", self.ctx.local_rank if self.ctx.world > 1 else torch.cuda.current_device())
+        return torch.device(self.cfg.device if self.cfg.device not in ("auto", "cuda") else "cpu")
 
     # ---------------------------------------------------------------- construction
     def _build(self, source: Any) -> None:
@@ -212,18 +259,28 @@ class Trainer:
         from spatial_forcing.teachers import build_teacher
 
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         np.random.seed(cfg.seed)
         self.stats = cached_statistics(source)
         self.policy = build_policy(cfg, self.stats)
         pcfg = self.policy.config
+        self.teacher = self.sf = self.cache = None
+        if cfg.sf:
+            if cfg.teacher_cache:
+                self.cache = open_teacher_cache(cfg, source, pcfg.image_size)
+                teacher_dim = int(self.cache.meta["dim"])
+            else:
+                self.teacher = build_teacher(cfg.teacher, cfg.teacher_weights or None).to(self.device).freeze()
+                teacher_dim = self.teacher.dim
+            self.sf = SpatialForcing(cfg.align, pcfg.hidden_size, teacher_dim)
         n = source.num_episodes
-        train_eps = list(range(n - cfg.val_episodes))
-        needs_depth = cfg.sf and cfg.teacher == "geometry"
         pipe = PipelineConfig(chunk_len=pcfg.chunk_len, chunk_mode=cfg.chunk_mode, image_size=pcfg.image_size,
-                              augment=cfg.augment, norm_type=pcfg.norm_type, depth=needs_depth, seed=cfg.seed)
-        self.dataset = ChunkedDataset(source, self.stats, pipe, cameras=cfg.cameras, episodes=train_eps)
-        self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed)
+                              augment=cfg.augment, norm_type=pcfg.norm_type, seed=cfg.seed,
+                              depth=self.teacher is not None and self.teacher.needs_depth)
+        self.dataset = ChunkedDataset(source, self.stats, pipe, cameras=cfg.cameras,
+                                      episodes=list(range(n - cfg.val_episodes)), teacher_cache=self.cache)
+        self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, rank=self.ctx.rank,
+                                        world_size=self.ctx.world)
         self.val_dataset = None
         if cfg.val_episodes:
             val_pipe = PipelineConfig(chunk_len=pcfg.chunk_len, chunk_mode=cfg.chunk_mode, image_size=pcfg.image_size,
@@ -236,25 +293,25 @@ class Trainer:
             self.model = apply_lora(self.policy.model, r=cfg.lora_rank, alpha=cfg.lora_alpha)
         else:
             self.model = self.policy.model
-        self.teacher = self.sf = None
-        if cfg.sf:
-            self.teacher = build_teacher(cfg.teacher, cfg.teacher_weights or None).to(self.device).freeze()
-            self.sf = SpatialForcing(cfg.align, pcfg.hidden_size, self.teacher.dim)
-        self.model.to(self.device)
-        if self.sf is not None:
-            self.sf.to(self.device)
-        params = list(_trainable(self.model).values()) + (list(self.sf.parameters()) if self.sf else [])
-        self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(self.model)
+        if self.resume_from is not None:  # weights before wrapping: FSDP shards what is loaded
+            self._load_weights(self.resume_from)
+        self.module = TrainModule(self.model, self.sf, cfg.align.coeff, cfg.align.student_layer).to(self.device)
+        self.wrapped = distributed.wrap(self.module, cfg.parallel, self.ctx, self.device)
+        self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.step = 0
         self.consumed = 0
+        if self.ctx.rank:
+            torch.manual_seed(cfg.seed + self.ctx.rank)  # from here on, each rank its own stream
         if self.resume_from is not None:
-            self._load_state(self.resume_from)
+            self._load_training_state(self.resume_from)
         self.autocast = (self.device.type == "cuda" and cfg.precision in ("auto", "bf16")) or cfg.precision == "bf16"
 
     def _make_loader(self, start: int) -> Any:
-        """The training loader, `start` samples into the (infinite, seeded) order."""
+        """The training loader, `start` samples (of this rank) into the (infinite, seeded) order."""
         from spatial_forcing.data.dataset import make_loader
 
         self.sampler.start = start
@@ -262,40 +319,48 @@ class Trainer:
                            num_workers=self.cfg.num_workers)
 
     # ---------------------------------------------------------------- one step
+    def teacher_grid(self, batch: dict, teacher_inputs: dict[str, torch.Tensor]) -> TeacherGrid | None:
+        """The targets of one micro-batch: cached grids (already cropped by the pipeline) or the
+        online teacher on the same pixels the student sees."""
+        if self.sf is None:
+            return None
+        if "teacher.feats" in batch:
+            return TeacherGrid(batch["teacher.feats"].to(self.device, non_blocking=True).float(),
+                               batch["teacher.valid"].to(self.device, non_blocking=True))
+        with torch.no_grad():
+            return self.teacher.features(**teacher_inputs)
+
     def loss_on(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-batch and its metrics (detached tensors: no host sync here)."""
-        cfg = self.cfg
-        inputs = prepare_batch(batch, cfg.cameras, self.policy.processor, self.device)
+        inputs = prepare_batch(batch, self.cfg.cameras, self.policy.processor, self.device)
+        grid = self.teacher_grid(batch, inputs.teacher)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model(inputs.policy, align_layer=cfg.align.student_layer if self.sf else None)
-            loss = out.action_loss
-            metrics = dict(out.metrics)
-            if self.sf is not None:
-                with torch.no_grad():
-                    grid = self.teacher.features(**inputs.teacher)
-                align, sf_metrics = self.sf(out.visual_hidden, grid.feats, grid.valid)
-                loss = loss + cfg.align.coeff * align
-                metrics.update(sf_metrics)
-        metrics["loss"] = loss.detach()
-        return loss, metrics
+            return self.wrapped(inputs.policy, grid)
 
-    def train_step(self, batches: list[dict]) -> dict[str, float]:
-        self.model.train()
+    def accumulate(self, batches: list[dict]) -> dict[str, torch.Tensor]:
+        """Forward + backward over the micro-batches of one step (gradients averaged over them and,
+        through the engine, over the processes). Returns this rank's mean metrics."""
+        self.wrapped.train()
         sums: dict[str, torch.Tensor] = {}
-        for batch in batches:
-            loss, metrics = self.loss_on(batch)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"step {self.step + 1}: loss is {loss.item()} "
-                                    f"({ {k: float(v) for k, v in metrics.items()} }); the last good "
-                                    f"checkpoint is {self._last_checkpoint()}")
-            (loss / len(batches)).backward()
+        for i, batch in enumerate(batches):
+            with distributed.sync_gradients(self.wrapped, i == len(batches) - 1):
+                loss, metrics = self.loss_on(batch)
+                (loss / len(batches)).backward()
             for k, v in metrics.items():
                 sums[k] = sums[k] + v.float() if k in sums else v.float()
-        means = {k: v / len(batches) for k, v in sums.items()}
+        return {k: v / len(batches) for k, v in sums.items()}
+
+    def train_step(self, batches: list[dict]) -> dict[str, float]:
+        means = self.accumulate(batches)
         if self.cfg.grad_clip > 0:
-            means["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        names = list(means)  # one device->host copy for every metric of the step
-        totals = dict(zip(names, torch.stack([means[k] for k in names]).tolist()))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            means["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        names = list(means)  # one collective and one device->host copy for every metric of the step
+        totals = dict(zip(names, distributed.mean_over_ranks(torch.stack([means[k] for k in names])).tolist()))
+        if not all(math.isfinite(v) for v in totals.values()):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(f"step {self.step + 1}: loss is {totals['loss']} ({totals}); the weights were not "
+                                f"updated, the last good checkpoint is {self._last_checkpoint()}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -305,52 +370,80 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, max_samples: int = 256) -> dict[str, float]:
-        """Current-action and future-action L1 (normalised units) on the held-out episodes."""
+        """Current-action and future-action L1 (normalised units) on the held-out episodes (every rank
+        runs the same samples: under FSDP a forward pass needs all of them)."""
         from torch.utils.data import DataLoader
 
         if self.val_dataset is None:
             return {}
-        self.model.eval()
+        self.wrapped.eval()
         n = min(len(self.val_dataset), max_samples)
         idx = np.linspace(0, len(self.val_dataset) - 1, n).round().astype(int).tolist()
         loader = DataLoader(torch.utils.data.Subset(self.val_dataset, idx), batch_size=self.cfg.batch_size)
-        sums = {"val_l1_current": 0.0, "val_l1_future": 0.0}
+        sums = torch.zeros(2, device=self.device)
         for batch in loader:
             inputs = prepare_batch(batch, self.cfg.cameras, self.policy.processor, self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.model(inputs.policy)
+                loss, metrics = self.wrapped(inputs.policy, None)
             k = len(batch[ACTION])
-            sums["val_l1_current"] += float(out.metrics.get("l1_current", out.action_loss)) * k
-            sums["val_l1_future"] += float(out.metrics.get("l1_future", out.action_loss)) * k
-        self.model.train()
-        return {key: v / n for key, v in sums.items()}
+            sums += torch.stack([metrics.get("l1_current", loss.detach()).float(),
+                                 metrics.get("l1_future", loss.detach()).float()]) * k
+        self.wrapped.train()
+        current, future = (sums / n).tolist()
+        return {"val_l1_current": current, "val_l1_future": future}
 
     # ---------------------------------------------------------------- checkpoints
     def _last_checkpoint(self) -> str:
         found = list_checkpoints(self.cfg.output_dir)
         return str(found[-1][1]) if found else "none"
 
+    def notes(self) -> dict[str, str]:
+        """What the run's configuration does not say by itself (saved beside it)."""
+        if not self.cfg.sf:
+            return {}
+        if self.cache is not None:
+            return {"teacher_input": f"cached features of un-augmented frames ({self.cache.folder}), each grid cropped "
+                                     f"with the pixels' crop box; colour jitter does not reach the teacher"}
+        return {"teacher_input": "the student's augmented pixels (online teacher)"}
+
     def save(self) -> Path:
+        """Write a checkpoint (rank 0 writes; under FSDP every rank takes part in gathering it)."""
+        sharded = distributed.is_sharded(self.wrapped)
+        state = distributed.full_model_state(self.wrapped) if sharded else None
+        optim = (distributed.full_optimizer_state(self.wrapped, self.optimizer) if sharded
+                 else self.optimizer.state_dict())
+        rngs = distributed.gather_objects(rng_state())
+        path = None
+        if self.ctx.main:
+            path = save_checkpoint(self.cfg.output_dir, self.step, lambda folder: self._write(folder, state, optim, rngs),
+                                   self.cfg.keep_last)
+        distributed.barrier()
+        return Path(distributed.broadcast_object(str(path)))
+
+    def _write(self, folder: Path, state: dict | None, optim: dict, rngs: list) -> None:
         from safetensors.torch import save_file
 
-        def write(folder: Path) -> None:
-            self.cfg.save(folder / "train_config.json")
+        cpu = lambda d: {k: v.detach().float().cpu().contiguous() for k, v in d.items()}  # noqa: E731
+        self.cfg.save(folder / "train_config.json", notes=self.notes())
+        if self.cfg.lora_rank:
+            save_file(cpu(_trainable(self.model)), str(folder / "trainable.safetensors"))
+            export = self.policy.with_state(merged_lora_state(self.model))
+        elif state is not None:
+            export = self.policy.with_state({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+        else:
             export = self.policy
-            if self.cfg.lora_rank:
-                trained = {n: p.detach().float().cpu().contiguous() for n, p in _trainable(self.model).items()}
-                save_file(trained, str(folder / "trainable.safetensors"))
-                export = _merged_copy(self.policy, self.model)
-            export.save_pretrained(folder / "policy")
-            if self.sf is not None:
-                save_file({k: v.detach().float().cpu().contiguous() for k, v in self.sf.projector.state_dict().items()},
-                          str(folder / "align_projector.safetensors"))
-            torch.save({"step": self.step, "consumed": self.consumed, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
-                        "sampler": self.sampler.state_dict(self.consumed)}, folder / "trainer_state.pt")
+        export.save_pretrained(folder / "policy")
+        if self.sf is not None:
+            projector = ({k[len("sf.projector."):]: v for k, v in state.items() if k.startswith("sf.projector.")}
+                         if state is not None else self.sf.projector.state_dict())
+            save_file(cpu(projector), str(folder / "align_projector.safetensors"))
+        torch.save({"step": self.step, "consumed": self.consumed, "optimizer": optim,
+                    "optimizer_format": "fqn" if state is not None else "torch",
+                    "scheduler": self.scheduler.state_dict(), "rng": rngs,
+                    "sampler": self.sampler.state_dict(self.consumed)}, folder / "trainer_state.pt")
 
-        return save_checkpoint(self.cfg.output_dir, self.step, write, self.cfg.keep_last)
-
-    def _load_state(self, folder: Path) -> None:
+    def _load_weights(self, folder: Path) -> None:
+        """Trained weights of a checkpoint into the (not yet wrapped) model and projector."""
         from safetensors.torch import load_file
 
         if self.cfg.lora_rank:
@@ -366,19 +459,24 @@ class Trainer:
             self.policy.model.load_state_dict(load_file(str(folder / "policy" / "model.safetensors")))
         if self.sf is not None:
             self.sf.projector.load_state_dict(load_file(str(folder / "align_projector.safetensors")))
+
+    def _load_training_state(self, folder: Path) -> None:
         state = torch.load(folder / "trainer_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])  # refuses another world size first
+        if state["optimizer_format"] == "fqn":
+            distributed.load_optimizer_state(self.wrapped, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
         self.step, self.consumed = int(state["step"]), int(state["consumed"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"][self.ctx.rank])
 
     # ---------------------------------------------------------------- the run
     def fit(self) -> dict[str, Any]:
         from spatial_forcing.train.logging import RunLogger
 
         cfg = self.cfg
-        logger = RunLogger(cfg, enabled=cfg.logger)
+        logger = RunLogger(cfg, enabled=cfg.logger if self.ctx.main else "none")
         loader = iter(self._make_loader(self.consumed))
         bar = None
         if self.progress:
@@ -386,18 +484,19 @@ class Trainer:
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         t0, start_step = time.perf_counter(), self.step
+        per_step = cfg.batch_size * self.grad_accum * self.ctx.world
         first: dict[str, float] | None = None
         metrics: dict[str, float] = {}
         val: dict[str, float] = {}
         last_ckpt = None
         try:
             while self.step < cfg.max_steps:
-                batches = [next(loader) for _ in range(cfg.grad_accum)]
+                batches = [next(loader) for _ in range(self.grad_accum)]
                 self.consumed += sum(len(b[ACTION]) for b in batches)
                 metrics = self.train_step(batches)
                 first = first or dict(metrics)
                 elapsed = time.perf_counter() - t0
-                metrics["samples_per_s"] = (self.step - start_step) * cfg.batch_size * cfg.grad_accum / max(elapsed, 1e-9)
+                metrics["samples_per_s"] = (self.step - start_step) * per_step / max(elapsed, 1e-9)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     logger.log(self.step, metrics)
                 if cfg.val_every and self.step % cfg.val_every == 0:
@@ -418,16 +517,26 @@ class Trainer:
             val = self.validate()
         return {"steps": self.step, "seconds": time.perf_counter() - t0, "first": first or {}, "last": metrics,
                 "validation": val, "checkpoint": str(last_ckpt) if last_ckpt else self._last_checkpoint(),
-                "output_dir": cfg.output_dir}
+                "output_dir": cfg.output_dir, "processes": self.ctx.world}
 
 
-def _merged_copy(policy: Any, peft_model: Any) -> Any:
-    """The policy with LoRA folded in, built on CPU one tensor at a time (`W + get_delta_weight`): the
-    training model is left as it is, and no second copy of it lands on the accelerator."""
+def enable_grad_checkpointing(model: nn.Module) -> int:
+    """Recompute activations in backward for every Hugging Face model inside `model` that supports it
+    (non-reentrant, so frozen inputs under LoRA are fine). Returns how many were switched on."""
+    count = 0
+    for sub in model.modules():
+        if getattr(sub, "supports_gradient_checkpointing", False) and hasattr(sub, "gradient_checkpointing_enable"):
+            sub.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            count += 1
+    if not count:
+        raise ValueError("grad_checkpointing: the policy holds no model that supports gradient checkpointing")
+    return count
+
+
+def merged_lora_state(peft_model: Any) -> dict[str, torch.Tensor]:
+    """The base model's weights with LoRA folded in (`W + get_delta_weight`), on CPU, one tensor at
+    a time: the training model is left as it is and no second copy lands on the accelerator."""
     from peft.tuners.lora import LoraLayer
-
-    from spatial_forcing.policies.oft.policy import OFTPolicy
-    from spatial_forcing.policies.oft.weights import build_model
 
     base = peft_model.get_base_model()
     deltas = {f"{name}.weight": module.get_delta_weight(module.active_adapters[0]).detach()
@@ -441,7 +550,7 @@ def _merged_copy(policy: Any, peft_model: Any) -> Any:
         if key in deltas:
             value = value + deltas.pop(key).to(value.dtype)
         state[key] = value.to("cpu", copy=True)
-    return OFTPolicy(build_model(policy.config, state), policy.processor, policy.stats, policy.unnorm_key)
+    return state
 
 
 def format_summary(summary: dict[str, Any]) -> str:

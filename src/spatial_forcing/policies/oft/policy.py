@@ -19,7 +19,7 @@ from .config import OFTConfig
 from .model import OFTModel
 from ...data.normalize import STATS_FILE, DatasetStats, load_dataset_statistics, save_dataset_statistics, select_stats
 from .processor import OFTProcessor, load_tokenizer
-from .weights import ConversionReport, load_model, load_upstream_model, save_model
+from .weights import ConversionReport, build_model, load_model, load_upstream_model, save_model
 
 
 def resolve_checkpoint(path_or_id: str | Path, allow_download: bool = True) -> Path:
@@ -81,6 +81,12 @@ class OFTPolicy(nn.Module):
                  for k, v in batch.items()}
         actions = self.model.predict_normalized(batch, generator=generator)[0]
         return self.processor.unnormalize_actions(actions, stats)
+
+    def with_state(self, state: dict[str, torch.Tensor]) -> "OFTPolicy":
+        """A new policy with this one's config, processor and statistics, and the network weights
+        `state` (OFTModel keys; strict). Used to export what a trainer holds in another form
+        (LoRA merged, FSDP-gathered) without touching the live model."""
+        return OFTPolicy(build_model(self.config, dict(state)), self.processor, self.stats, self.unnorm_key)
 
     # -- files ---------------------------------------------------------------------------------
     @classmethod
