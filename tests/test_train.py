@@ -87,6 +87,25 @@ def test_bad_configurations_fail_before_any_model(dataset, tmp_path):
         validate_config(config(dataset, tmp_path, val_episodes=4))
     with pytest.raises(ValueError, match="schedule"):
         config(dataset, tmp_path, schedule="linear")
+    with pytest.raises(ValueError, match="global_batch_size 10 does not divide into batch_size 4 per process x 1"):
+        validate_config(config(dataset, tmp_path, global_batch_size=10))
+    with pytest.raises(ValueError, match="fsdp shards full fine-tuning"):
+        config(dataset, tmp_path, parallel="fsdp", lora_rank=4)
+
+
+def test_global_batch_and_gradient_checkpointing_change_memory_not_maths(dataset, tmp_path):
+    """global_batch_size 8 with batch 4 = two accumulated micro-batches; recomputing the blocks'
+    activations in backward gives the same step."""
+    plain = Trainer(config(dataset, tmp_path / "a", global_batch_size=8), progress=False)
+    assert plain.grad_accum == 2
+    recompute = Trainer(config(dataset, tmp_path / "b", global_batch_size=8, grad_checkpointing=True), progress=False)
+    layers = [m for m in recompute.model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert {type(m).__name__ for m in layers} >= {"LlamaDecoderLayer", "Dinov2WithRegistersLayer", "SiglipEncoderLayer"}
+    loader = iter(plain._make_loader(0))
+    batches = [next(loader), next(loader)]
+    a, b = plain.train_step(batches), recompute.train_step(batches)
+    assert abs(a["loss"] - b["loss"]) < 1e-6
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(plain.params, recompute.params))
 
 
 def test_training_reduces_losses_and_trains_only_what_it_should(dataset, tmp_path):

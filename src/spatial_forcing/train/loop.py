@@ -293,6 +293,11 @@ class Trainer:
             self.model = apply_lora(self.policy.model, r=cfg.lora_rank, alpha=cfg.lora_alpha)
         else:
             self.model = self.policy.model
+        self.autocast = (self.device.type == "cuda" and cfg.precision in ("auto", "bf16")) or cfg.precision == "bf16"
+        if cfg.lora_rank and self.autocast:  # as the published recipe: the frozen base in bf16 (half the memory),
+            for p in self.model.parameters():  # adapters and heads in fp32 under bf16 autocast
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
         if cfg.grad_checkpointing:
             enable_grad_checkpointing(self.model)
         if self.resume_from is not None:  # weights before wrapping: FSDP shards what is loaded
@@ -308,7 +313,6 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.ctx.rank)  # from here on, each rank its own stream
         if self.resume_from is not None:
             self._load_training_state(self.resume_from)
-        self.autocast = (self.device.type == "cuda" and cfg.precision in ("auto", "bf16")) or cfg.precision == "bf16"
 
     def _make_loader(self, start: int) -> Any:
         """The training loader, `start` samples (of this rank) into the (infinite, seeded) order."""
@@ -548,7 +552,7 @@ def merged_lora_state(peft_model: Any) -> dict[str, torch.Tensor]:
         key = key.replace(".base_layer.", ".")
         value = value.detach()
         if key in deltas:
-            value = value + deltas.pop(key).to(value.dtype)
+            value = (value.float() + deltas.pop(key).float()).to(value.dtype)
         state[key] = value.to("cpu", copy=True)
     return state
 
