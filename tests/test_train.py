@@ -236,3 +236,16 @@ def test_grad_accumulation_and_clipping(dataset, tmp_path):
     assert trainer.step == 1 and np.isfinite(m["grad_norm"]) and m["grad_norm"] > 1e-3
     # clipped to a total norm of 1e-3: one AdamW step still moves every projector weight by ~lr
     assert all(not torch.equal(p, before[n]) for n, p in trainer.sf.named_parameters())
+
+
+def test_weights_and_biases_logs_the_run_offline(dataset, tmp_path, monkeypatch):
+    """`--logger wandb` (offline: no account, no network): the run, its config and its metrics are recorded."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    s = Trainer(config(dataset, tmp_path, logger="wandb", max_steps=2, save_every=2), progress=False).fit()
+    assert s["steps"] == 2
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()  # the offline record log (protobuf)
+    for needle in (b"spatial-forcing", b"action_loss", b"align_loss", b"samples_per_s", b"student_layer"):
+        assert needle in records, needle

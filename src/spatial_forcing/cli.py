@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, OSError, TypeError, KeyError) as exc:
+    except (ValueError, OSError, TypeError, KeyError, ImportError) as exc:
         print(f"sf {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -20,7 +20,9 @@ class RunLogger:
                 import wandb
             except ImportError as e:  # optional: only when asked for
                 raise ImportError("logger 'wandb' needs the wandb package (pip install wandb)") from e
-            self._wandb = wandb.init(project="spatial-forcing", dir=config.output_dir, config=config.to_dict())
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            self._wandb = wandb.init(project="spatial-forcing", name=Path(config.output_dir).name, dir=config.output_dir,
+                                     config=config.to_dict())
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self._tb is not None:
