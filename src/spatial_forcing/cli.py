@@ -182,6 +182,34 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .analysis.probe import plot_probe, run_probe
+    from .policies.oft.policy import OFTPolicy
+
+    names = args.names or [Path(p).name or str(p) for p in args.policy]
+    if len(names) != len(args.policy) or len(set(names)) != len(names):
+        raise ValueError(f"--names: expected {len(args.policy)} distinct names (one per --policy), got {names}")
+    policies = {name: OFTPolicy.from_pretrained(path) for name, path in zip(names, args.policy)}
+    result = run_probe(policies, args.dataset, layers=args.layers, val_episodes=args.val_episodes,
+                       max_samples=args.max_samples, lam=args.ridge, batch_size=args.batch_size,
+                       cameras=args.cameras, standardize=args.standardize, device=_device(args.device),
+                       progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_probe(result, str(out / "probe.png"))
+    split = result["split"]
+    print(f"depth probe on {args.dataset}: {split['train_samples']} training frames "
+          f"({split['train_episodes']} episodes), {split['test_samples']} held-out frames "
+          f"({split['test_episodes']} episodes), ridge lambda {args.ridge}")
+    for name, scores in result["policies"].items():
+        best = max(scores, key=lambda k: scores[k]["r2"])
+        cells = "  ".join(f"L{k}: {v['r2']:.3f}" for k, v in sorted(scores.items()))
+        print(f"  {name:<20} R2 {cells}   (best layer {best}, RMSE {scores[best]['rmse_m']:.3f} m)")
+    print(f"written: {out / 'probe.json'}, {out / 'probe.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sf", description="Spatial Forcing: align a VLA policy's visual tokens with a frozen 3D teacher.")
@@ -250,6 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo", help="folder for the summary JSON")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("probe", help="linear depth probe of a policy's visual tokens, per layer",
+                       description="Fit a ridge probe (closed form) from the visual-token hidden states at each "
+                                   "layer to per-patch metric depth on the training episodes of a dataset with "
+                                   "depth; report R2 and RMSE on the held-out episodes, with a plot.")
+    p.add_argument("--policy", nargs="+", required=True, help="checkpoint folders (e.g. <run>/checkpoints/step-N/policy)")
+    p.add_argument("--names", nargs="+", help="a label per policy (default: folder names)")
+    p.add_argument("--dataset", required=True, help="a dataset with metric depth (e.g. from sf collect libero)")
+    p.add_argument("--layers", nargs="+", type=int, help="layers to probe (default: all of a shallow student)")
+    p.add_argument("--val-episodes", type=int, default=2, help="last episodes held out for scoring")
+    p.add_argument("--max-samples", type=int, default=512, help="frames per split (evenly spaced)")
+    p.add_argument("--ridge", type=float, default=1e-2, help="ridge strength, relative to the mean feature variance")
+    p.add_argument("--cameras", nargs="+", help="views in the policy's order (default: the dataset's first ones)")
+    p.add_argument("--standardize", default="libero")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="outputs/probe", help="folder for probe.json and probe.png")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_probe)
+
     p = sub.add_parser("collect", help="collect scripted-expert demonstrations into a LeRobot v3.0 dataset",
                        description="Run scripted experts (privileged simulator state) and record successful "
                                    "episodes, no-ops filtered, as a LeRobotDataset v3.0.")
@@ -290,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cache_teacher)
 
+
     from .train.cli import add_train_arguments, cmd_train
 
     p = sub.add_parser("train", help="train a policy with Spatial Forcing (or without: --no-sf)",
@@ -297,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "be overridden (--lr 1e-4, --align-coeff 0.2, --no-sf, ...).")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+
     return parser
 
 
