@@ -529,9 +529,13 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
     (non-reentrant, so frozen inputs under LoRA are fine). Returns how many were switched on."""
     count = 0
     for sub in model.modules():
-        if getattr(sub, "supports_gradient_checkpointing", False) and hasattr(sub, "gradient_checkpointing_enable"):
+        if not getattr(sub, "supports_gradient_checkpointing", False):
+            continue
+        if hasattr(sub, "activation_checkpointing_enable"):  # transformers >= 5.x
+            sub.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
             sub.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            count += 1
+        count += 1
     if not count:
         raise ValueError("grad_checkpointing: the policy holds no model that supports gradient checkpointing")
     return count
