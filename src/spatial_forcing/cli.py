@@ -210,6 +210,19 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    result = run(only=args.only, skip=args.skip, device=args.device, summarize_only=args.summarize_only,
+                 readme=args.update_readme, out_dir=Path(args.out_dir) if args.out_dir else None)
+    print(result["table"], end="")
+    failed = [name for name, r in result["ran"].items() if r["status"].startswith("failed")]
+    print(f"summary: {Path(args.out_dir) if args.out_dir else 'benchmarks/results'}/SUMMARY.md"
+          + ("; README table updated" if args.update_readme else "")
+          + (f"; FAILED: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sf", description="Spatial Forcing: align a VLA policy's visual tokens with a frozen 3D teacher.")
@@ -296,6 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/probe", help="folder for probe.json and probe.png")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("bench", help="run the benchmarks and summarise their results in one table",
+                       description="Run every benchmark of benchmarks/ (each writes one JSON result) on the CPU, or "
+                                   "their GPU modes with --device cuda, then write benchmarks/results/SUMMARY.md and "
+                                   "summary.json. Needs a source checkout.")
+    p.add_argument("--only", nargs="+", help="benchmarks to run (teacher inference data collect experts train eval serve)")
+    p.add_argument("--skip", nargs="+", help="benchmarks to leave out")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--summarize-only", action="store_true", help="only rebuild the summary from existing results")
+    p.add_argument("--update-readme", action="store_true", help="also rewrite the README's benchmark table")
+    p.add_argument("--out-dir", help="write results here instead of benchmarks/results")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("collect", help="collect scripted-expert demonstrations into a LeRobot v3.0 dataset",
                        description="Run scripted experts (privileged simulator state) and record successful "

@@ -1,0 +1,226 @@
+"""`sf bench`: run the benchmarks of `benchmarks/` (each a script writing one JSON file), then
+summarise every result file as one table (`benchmarks/results/SUMMARY.md` + `summary.json`) and,
+with `--update-readme`, the README's benchmark table.
+
+The scripts live in the source checkout, not in the installed package: `sf bench` needs a clone
+(``pip install -e .``). Each benchmark is run in its own process, on the CPU by default; with
+`--device cuda` the ones that have a GPU mode run there (and record the device name), the others
+are skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+RESULTS = BENCH / "results"
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+Row = tuple[str, str, str, str]  # metric, value, target, status
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    script: str
+    cpu_args: tuple[str, ...] | None  # None: no CPU mode
+    cuda_args: tuple[str, ...] | None  # None: no GPU mode
+    minutes: str  # rough CPU duration on 2 cores
+
+
+BENCHMARKS = [
+    Benchmark("teacher", "teacher.py", ("--device", "cpu", "--preset", "tiny"), ("--device", "cuda"), "<1"),
+    Benchmark("inference", "inference.py", ("--device", "cpu"), ("--device", "cuda"), "1"),
+    Benchmark("data", "data.py", (), None, "2"),
+    Benchmark("collect", "collect.py", (), None, "5"),
+    Benchmark("experts", "experts.py", (), None, "10"),
+    Benchmark("train", "train.py", (), ("--models", "--device", "cuda"), "5"),
+    Benchmark("eval", "eval.py", (), None, "5"),
+    Benchmark("serve", "serve.py", (), None, "2"),
+]
+
+
+# ------------------------------------------------------------------------------ headline figures
+def _fmt(x: float | None, unit: str = "", digits: int = 1) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}{unit}"
+
+
+def _status(ok: bool | None) -> str:
+    return "n/a" if ok is None else "met" if ok else "missed"
+
+
+def _teacher(d: dict) -> list[Row]:
+    rows = [(f"{d['preset']}, {r['views']} view(s), median", _fmt(r["median_ms"], " ms"), "", "") for r in d["results"]]
+    t = d.get("target", {})
+    if t.get("evaluated"):
+        rows.append(("target", "", t["description"], _status(t.get("met"))))
+    return rows
+
+
+def _inference(d: dict) -> list[Row]:
+    return [(f"{d['preset']} {d['dtype']}, {r['config']}, end-to-end median", _fmt(r["end_to_end"]["median_ms"], " ms"),
+             "", "") for r in d["results"]]
+
+
+def _data(d: dict) -> list[Row]:
+    target = d.get("target_samples_per_s")
+    return [(f"{k} samples/s ({d.get('workers')} workers)", _fmt(v["samples_per_s"]), f">= {target}",
+             _status(v["samples_per_s"] >= target if target else None)) for k, v in d["results"].items()]
+
+
+def _collect(d: dict) -> list[Row]:
+    runs = list(d["results"].values())
+    rows: list[Row] = [(f"env steps/s, {r['jobs']} process(es)", _fmt(r["env_steps_per_s"]), "", "") for r in runs]
+    target, best = d.get("target_env_steps_per_s"), max(r["env_steps_per_s"] for r in runs)
+    if target:
+        rows.append(("best env steps/s", _fmt(best), f">= {target}", _status(best >= target)))
+    return rows
+
+
+def _experts(d: dict) -> list[Row]:
+    rates = [r for suite in d["success_rate_per_task"].values() for r in suite.values()]
+    return [("tasks at >= 90 % success", f"{d['tasks_meeting_target']}/{d['tasks_total']}",
+             f">= {d['target_success_rate']:.0%} per task", _status(d["tasks_meeting_target"] == d["tasks_total"])),
+            ("lowest task success", _fmt(100 * min(rates), " %"), "", "")]
+
+
+def _train(d: dict) -> list[Row]:
+    rows: list[Row] = []
+    if "cpu" in d:
+        c = d["cpu"]
+        rows.append(("quickstart samples/s", _fmt(c["loop"]["samples_per_s"]), "", ""))
+        rows.append(("step time SF / no SF", _fmt(c["sf_over_no_sf"], "", 3), f"<= {c['target_sf_over_no_sf']}",
+                     _status(c["sf_over_no_sf"] <= c["target_sf_over_no_sf"])))
+    if "models" in d:
+        m = d["models"]
+        for name, s in m["settings"].items():
+            rows.append((f"{m['arch']} {name} step", _fmt(s["step_ms"], " ms"), "", ""))
+        if "c_over_a" in m:
+            rows.append(("(c)/(a)", _fmt(m["c_over_a"], "", 3), "<= 1.03", _status(m["c_over_a"] <= 1.03)))
+    return rows
+
+
+def _eval(d: dict) -> list[Row]:
+    o, t = d["overhead"], d["throughput"]
+    rows: list[Row] = [("harness overhead over env.step", _fmt(100 * o["overhead"], " %"),
+                        f"<= {100 * o['target']:.0f} %", _status(o["overhead"] <= o["target"]))]
+    for key, v in t.items():
+        if key.startswith("workers_"):
+            rows.append((f"env steps/s, {v['workers']} worker(s), wall", _fmt(v["env_steps_per_s_wall"]), "", ""))
+    if "speedup" in t:
+        rows.append(("speedup, 1 -> most workers", _fmt(t["speedup"], "x", 2), "", ""))
+    return rows
+
+
+def _serve(d: dict) -> list[Row]:
+    rows: list[Row] = []
+    for key, value in d.items():
+        if isinstance(value, (int, float)) and any(w in key for w in ("p50", "p99", "per_s", "rps")):
+            rows.append((key.replace("_", " "), _fmt(float(value), "", 2), "", ""))
+    return rows
+
+
+HEADLINES: dict[str, Callable[[dict], list[Row]]] = {
+    "teacher": _teacher, "inference": _inference, "data": _data, "collect": _collect, "experts": _experts,
+    "train": _train, "eval": _eval, "serve": _serve}
+
+
+def benchmark_of(path: Path) -> str:
+    stem = path.stem
+    return next((name for name in HEADLINES if stem == name or stem.startswith(name + "_")), stem)
+
+
+def summarise(results: Path = RESULTS) -> dict[str, Any]:
+    """Every result JSON in `results` -> {file: {"device", "date", "rows"}} (unreadable files say why)."""
+    out: dict[str, Any] = {}
+    for path in sorted(results.glob("*.json")):
+        if path.name == "summary.json":
+            continue
+        try:
+            doc = json.loads(path.read_text())
+            name = benchmark_of(path)
+            rows = HEADLINES[name](doc) if name in HEADLINES else []
+            out[path.name] = {"benchmark": name, "device": str(doc.get("device", "?")),
+                              "date": str(doc.get("date", "?"))[:10], "rows": rows}
+        except (ValueError, KeyError, TypeError) as exc:
+            out[path.name] = {"benchmark": benchmark_of(path), "device": "?", "date": "?",
+                              "rows": [("unreadable result", type(exc).__name__, "", "")]}
+    return out
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = ["| result | metric | value | target | status | device | date |", "|---|---|---|---|---|---|---|"]
+    for file, s in summary.items():
+        for metric, value, target, status in s["rows"] or [("(no headline)", "", "", "")]:
+            lines.append(f"| `{file}` | {metric} | {value} | {target} | {status} | {s['device']} | {s['date']} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str, readme: Path = ROOT / "README.md") -> bool:
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{table}{README_END}{tail}")
+    return True
+
+
+# ----------------------------------------------------------------------------------------- runner
+def run(only: list[str] | None = None, skip: list[str] | None = None, device: str = "cpu",
+        summarize_only: bool = False, readme: bool = False, out_dir: Path | None = None,
+        echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the chosen benchmarks (each writes its JSON into benchmarks/results/, or `out_dir` as
+    `<name>.json`), then summarise the results folder."""
+    if not BENCH.is_dir():
+        raise FileNotFoundError(f"sf bench runs the scripts in the repository's benchmarks/ folder, which is not at "
+                                f"{BENCH}: run it from a source checkout (git clone ...; pip install -e .)")
+    known = [b.name for b in BENCHMARKS]
+    unknown = sorted(set(only or []) - set(known)) + sorted(set(skip or []) - set(known))
+    if unknown:
+        raise ValueError(f"unknown benchmarks {unknown}; known: {known}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda, found {device!r}")
+    ran: dict[str, Any] = {}
+    if not summarize_only:
+        chosen = [b for b in BENCHMARKS if (not only or b.name in only) and b.name not in (skip or [])]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+                   MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+        for i, b in enumerate(chosen, 1):
+            args = b.cpu_args if device == "cpu" else b.cuda_args
+            if args is None:
+                echo(f"[{i}/{len(chosen)}] {b.name}: no {device} mode, skipped")
+                ran[b.name] = {"status": "skipped"}
+                continue
+            echo(f"[{i}/{len(chosen)}] {b.name} ({device}, about {b.minutes} min on 2 CPU cores) ...")
+            t0 = time.perf_counter()
+            out = ("--out", str(Path(out_dir) / f"{b.name}_{device}.json")) if out_dir else ()
+            proc = subprocess.run([sys.executable, str(BENCH / b.script), *args, *out], env=env, cwd=ROOT,
+                                  capture_output=True, text=True)
+            seconds = time.perf_counter() - t0
+            ok = proc.returncode == 0
+            ran[b.name] = {"status": "ok" if ok else f"failed (exit {proc.returncode})", "seconds": round(seconds, 1)}
+            echo(f"      {'done' if ok else 'FAILED'} in {seconds:.0f} s")
+            if not ok:
+                echo("      " + "\n      ".join((proc.stderr or proc.stdout).strip().splitlines()[-8:]))
+    results = Path(out_dir) if out_dir else RESULTS
+    summary = summarise(results)
+    table = markdown(summary)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "SUMMARY.md").write_text(f"# Benchmark results\n\nGenerated by `sf bench` on "
+                                        f"{_dt.date.today().isoformat()}.\n\n{table}")
+    (results / "summary.json").write_text(json.dumps({"date": _dt.date.today().isoformat(), "ran": ran,
+                                                      "results": summary}, indent=2) + "\n")
+    if readme and not update_readme(table):
+        raise ValueError(f"README.md has no {README_START} ... {README_END} markers to update")
+    return {"ran": ran, "summary": summary, "table": table}
