@@ -179,6 +179,11 @@ def test_resume_continues_exactly(dataset, tmp_path):
     a = OFTPolicy.from_pretrained(Path(s["checkpoint"]) / "policy").model.state_dict()
     b = OFTPolicy.from_pretrained(Path(r["checkpoint"]) / "policy").model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    logged = {}  # the killed process and the resumed one append to one record; the later line wins
+    for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        logged[entry["step"]] = entry
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6] and abs(logged[6]["loss"] - s["last"]["loss"]) < 1e-6
     with pytest.raises(ValueError, match="configured differently"):
         Trainer(config(dataset, tmp_path / "b", max_steps=6, save_every=3, keep_last=5, lr=1e-2), resume="latest",
                 progress=False)

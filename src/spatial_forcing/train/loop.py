@@ -480,7 +480,7 @@ class Trainer:
         from spatial_forcing.train.logging import RunLogger
 
         cfg = self.cfg
-        logger = RunLogger(cfg, enabled=cfg.logger if self.ctx.main else "none")
+        logger = RunLogger(cfg, enabled=cfg.logger if self.ctx.main else "none", jsonl=self.ctx.main)
         loader = iter(self._make_loader(self.consumed))
         bar = None
         if self.progress:
