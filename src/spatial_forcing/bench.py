@@ -123,10 +123,14 @@ def _eval(d: dict) -> list[Row]:
 
 
 def _serve(d: dict) -> list[Row]:
-    rows: list[Row] = []
-    for key, value in d.items():
-        if isinstance(value, (int, float)) and any(w in key for w in ("p50", "p99", "per_s", "rps")):
-            rows.append((key.replace("_", " "), _fmt(float(value), "", 2), "", ""))
+    ws = d["latency"]["openpi_websocket"]["added"]
+    target = d["target"]["added_p50_ms_max"]
+    rows: list[Row] = [("openpi websocket added latency p50", _fmt(ws["p50_ms"], " ms", 2), f"<= {target} ms",
+                        _status(ws["p50_ms"] <= target)),
+                       ("openpi websocket added latency p99", _fmt(ws["p99_ms"], " ms", 2), "", "")]
+    for t in d["throughput"]:
+        rows.append((f"requests/s, {t['clients']} client(s), max batch {t['max_batch']}", _fmt(t["requests_per_s"]),
+                     "", ""))
     return rows
 
 

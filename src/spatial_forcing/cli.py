@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cache_teacher)
 
+    from .serve.cli import add_serve_arguments
+
+    add_serve_arguments(sub)  # sf serve
 
     from .train.cli import add_train_arguments, cmd_train
 
@@ -371,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
+    from .eval.cli import add_eval_arguments
+
+    add_eval_arguments(sub)  # sf eval libero
     return parser
 
 

@@ -1,0 +1,334 @@
+"""Policies as the LIBERO harness sees them: ``reset(context)`` + ``infer(observation) -> [K, 7]``.
+
+    info = policy.info                      # PolicyInfo: cameras, image side, chunk, action convention, ...
+    policy.reset(EpisodeContext(...))       # before every episode (after env.reset, before the wait steps)
+    chunk = policy.infer({"images": [agentview, wrist],   # uint8 HxWx3, rot180, JPEG + Lanczos3 to info.image_size
+                          "state": proprio,                # float64 [8]: eef pos, axis-angle, gripper qpos
+                          "instruction": "put the bowl on the plate"})
+    # chunk: [K, 7] float; the harness turns it into env actions with info.action_convention (§3.3)
+
+Implementations: ``OFTEvalPolicy`` (an ``OFTPolicy`` from this project's format, an upstream OpenVLA-OFT /
+Spatial-Forcing folder or a hub id, converted on the fly) and ``ExpertPolicy`` (the scripted pick-and-place
+expert, privileged state, for verifying the harness without a model). Worker processes rebuild a policy from
+a picklable ``PolicyRef`` once per process; ``POLICY_KINDS`` maps a kind to ``(describe, build)``.
+
+A remote policy plugs in with one entry, e.g. ``POLICY_KINDS["remote"] = (describe_remote, RemotePolicy.connect)``:
+``describe`` reads the server's metadata (cameras, image side, chunk length, action convention) into a
+``PolicyInfo`` without loading anything, and ``infer`` sends the observation dict above and returns the
+server's chunk. Each worker process then holds one connection, so one GPU server feeds many simulators.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from spatial_forcing.eval.protocol import base_suite
+from spatial_forcing.envs.libero import ACTION_DIM, STATE_DIM, TaskInfo
+
+LIBERO_CAMERAS: tuple[str, ...] = ("agentview", "wrist")  # what LIBERO renders, in the OFT view order
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """What the harness needs to know about a policy; saved with the results (``identity`` must match on
+    resume)."""
+
+    name: str  # e.g. "oft:/ckpt/libero-spatial", "expert"
+    cameras: tuple[str, ...]  # LIBERO cameras read, in order; () = no images (privileged experts)
+    image_size: int | None  # side the harness resizes each view to (JPEG + Lanczos3); None = as rendered
+    chunk_len: int  # actions per query
+    action_convention: str  # "oft": gripper 1 open / 0 close (binarised + inverted); "raw": env units
+    state_dim: int = STATE_DIM  # 8 (OFT proprio) or 0
+    action_dim: int = ACTION_DIM
+    center_crop: bool = False  # applied by the policy's own processor; recorded only
+    privileged: bool = False  # reads the simulator through EpisodeContext.env
+    details: dict[str, Any] = field(default_factory=dict)  # recorded (unnorm key, dtype, device, ...)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that change what an episode does (``details`` minus where things are: device, folder)."""
+        d = asdict(self)
+        d["cameras"] = list(self.cameras)
+        d["details"] = {k: v for k, v in self.details.items() if k not in ("device", "folder")}
+        return d
+
+
+@dataclass
+class EpisodeContext:
+    """Given to ``reset`` before each episode. ``env`` is the live ``LiberoEnv``: only privileged policies
+    (scripted experts) may read it; learned and remote policies must ignore it."""
+
+    suite: str
+    task: TaskInfo
+    episode: int
+    instruction: str
+    env: Any = None
+
+
+class EvalPolicy(Protocol):
+    info: PolicyInfo
+
+    def reset(self, context: EpisodeContext) -> None: ...
+
+    def infer(self, observation: dict[str, Any]) -> np.ndarray: ...
+
+
+def check_fits_libero(info: PolicyInfo) -> None:
+    """Refuse policies whose inputs or outputs LIBERO cannot supply or execute (ValueError, named)."""
+    if info.action_dim != ACTION_DIM:
+        raise ValueError(f"policy {info.name} predicts {info.action_dim}-D actions; LIBERO executes {ACTION_DIM}-D "
+                         "[dx, dy, dz, drx, dry, drz, gripper]")
+    if len(info.cameras) > len(LIBERO_CAMERAS) or len(set(info.cameras)) != len(info.cameras) \
+            or any(c not in LIBERO_CAMERAS for c in info.cameras):
+        raise ValueError(f"policy {info.name} expects {len(info.cameras)} camera images {list(info.cameras)}; "
+                         f"LIBERO renders {len(LIBERO_CAMERAS)}: {list(LIBERO_CAMERAS)}")
+    if info.state_dim not in (0, STATE_DIM):
+        raise ValueError(f"policy {info.name} expects a {info.state_dim}-D state; the LIBERO proprio is {STATE_DIM}-D "
+                         "(eef pos, axis-angle, gripper qpos)")
+    if info.action_convention not in ("oft", "raw"):
+        raise ValueError(f"policy {info.name}: action convention must be 'oft' or 'raw', found "
+                         f"{info.action_convention!r}")
+    if info.chunk_len < 1 or (info.cameras and info.image_size is not None and info.image_size < 8):
+        raise ValueError(f"policy {info.name}: expected chunk_len >= 1 and an image side >= 8, found "
+                         f"{info.chunk_len} and {info.image_size}")
+
+
+# ------------------------------------------------------------------------------------------------ OFT
+
+def _auto_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def _auto_dtype(dtype: str, device: str) -> str:
+    """OFT evaluates in pure bf16 on the GPU (OPENVLA_OFT.md §10); float32 on the CPU."""
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"--dtype: expected auto, bfloat16 or float32, found {dtype!r}")
+    return dtype
+
+
+def resolve_unnorm_key(keys: list[str], suite: str, requested: str | None) -> str:
+    """OFT's rule: the suite's statistics, else ``<suite>_no_noops`` (a LIBERO-PRO suite uses its base suite's);
+    a checkpoint with a single entry uses it; otherwise the user must choose."""
+    if requested is not None:
+        if requested in keys:
+            return requested
+        if f"{requested}_no_noops" in keys:
+            return f"{requested}_no_noops"
+        raise ValueError(f"--unnorm-key {requested!r} is not in the policy's dataset statistics; available: {keys}")
+    base = base_suite(suite) or suite
+    for key in (suite, f"{suite}_no_noops", base, f"{base}_no_noops"):
+        if key in keys:
+            return key
+    if len(keys) == 1:
+        return keys[0]
+    raise ValueError(f"the policy's dataset statistics hold {keys}, none for suite {suite!r}; pass --unnorm-key")
+
+
+def oft_cameras(num_images: int) -> tuple[str, ...]:
+    """OFT's view order on LIBERO: agentview, then wrist (more views than LIBERO has stay unnamed)."""
+    if num_images > len(LIBERO_CAMERAS):
+        return tuple(f"camera{i}" for i in range(num_images))
+    return LIBERO_CAMERAS[:num_images]
+
+
+def describe_oft(ref: PolicyRef, suite: str) -> PolicyInfo:
+    """PolicyInfo of an OFT checkpoint from its files (config, statistics), without loading weights."""
+    from spatial_forcing.data.normalize import STATS_FILE, load_dataset_statistics
+    from spatial_forcing.policies.oft.config import PLATFORMS, OFTConfig
+    from spatial_forcing.policies.oft.policy import resolve_checkpoint
+
+    folder = resolve_checkpoint(ref.source)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{folder}: missing config.json (not an OFT checkpoint)")
+    raw = json.loads(cfg_file.read_text())
+    if raw.get("model_type") == "oft":
+        cfg = OFTConfig.load(cfg_file)
+        proc_file = folder / "processor_config.json"
+        crop = json.loads(proc_file.read_text()).get("center_crop", cfg.center_crop) if proc_file.is_file() \
+            else cfg.center_crop
+        dims = dict(num_images=cfg.num_images, image_size=cfg.image_size, chunk_len=cfg.chunk_len,
+                    action_dim=cfg.action_dim, proprio_dim=cfg.proprio_dim if cfg.use_proprio else 0)
+    elif raw.get("model_type") == "openvla":
+        lib = PLATFORMS["libero"]  # what OFTPolicy.from_pretrained(platform="libero") builds (weights.py)
+        crop = True
+        head = any(folder.glob("action_head--*checkpoint.pt"))
+        proprio = any(folder.glob("proprio_projector--*checkpoint.pt")) or not head
+        dims = dict(num_images=lib["num_images"], image_size=int((raw.get("image_sizes") or [224])[0]),
+                    chunk_len=lib["chunk_len"], action_dim=lib["action_dim"],
+                    proprio_dim=lib["proprio_dim"] if proprio else 0)
+    else:
+        raise ValueError(f"{cfg_file}: model_type {raw.get('model_type')!r} is neither 'oft' nor 'openvla'")
+    stats_file = folder / STATS_FILE
+    keys = sorted(load_dataset_statistics(stats_file)) if stats_file.is_file() else []
+    if not keys:
+        raise FileNotFoundError(f"{folder}: missing {STATS_FILE} (the statistics that un-normalise actions)")
+    cameras = oft_cameras(dims["num_images"])
+    device = _auto_device(ref.device)
+    return PolicyInfo(name=f"oft:{ref.source}", cameras=cameras, image_size=dims["image_size"],
+                      chunk_len=dims["chunk_len"], action_convention="oft", state_dim=dims["proprio_dim"],
+                      action_dim=dims["action_dim"], center_crop=bool(crop),
+                      details={"unnorm_key": resolve_unnorm_key(keys, suite, ref.unnorm_key),
+                               "dtype": _auto_dtype(ref.dtype, device), "weights": checkpoint_fingerprint(folder),
+                               "device": device, "folder": str(folder)})
+
+
+def checkpoint_fingerprint(folder: Path) -> str:
+    """Short hash of a checkpoint's config.json and the names, sizes and modification times of its weight
+    files: a re-saved checkpoint in the same folder is another policy for resuming purposes."""
+    h = hashlib.sha1((folder / "config.json").read_bytes())
+    for f in sorted(folder.iterdir()):
+        if f.suffix in (".safetensors", ".pt", ".bin") and f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+class OFTEvalPolicy:
+    """An ``OFTPolicy`` behind the harness protocol. Images arrive JPEG-round-tripped and Lanczos-resized to
+    the model's side; the processor applies the centre crop (``config.center_crop``), the prompt and the
+    q01/q99 proprio normalisation; actions come back un-normalised, gripper in OFT units (1 open, 0 close)."""
+
+    def __init__(self, policy: Any, info: PolicyInfo) -> None:
+        self.policy = policy
+        self.info = info
+        self.unnorm_key = info.details["unnorm_key"]
+
+    @classmethod
+    def load(cls, ref: PolicyRef, suite: str) -> OFTEvalPolicy:
+        import torch
+
+        from spatial_forcing.policies.oft.policy import OFTPolicy
+
+        info = describe_oft(ref, suite)
+        d = info.details
+        policy = OFTPolicy.from_pretrained(d["folder"], unnorm_key=d["unnorm_key"], platform="libero",
+                                           dtype=getattr(torch, d["dtype"]), device=d["device"]).eval()
+        loaded = cls.from_policy(policy, suite, name=info.name, unnorm_key=d["unnorm_key"])
+        for key in ("cameras", "image_size", "chunk_len", "action_dim", "state_dim", "center_crop"):
+            if getattr(loaded.info, key) != getattr(info, key):
+                raise ValueError(f"{ref.source}: the loaded policy has {key}={getattr(loaded.info, key)!r} but its "
+                                 f"files say {getattr(info, key)!r}")
+        loaded.info = info
+        return loaded
+
+    @classmethod
+    def from_policy(cls, policy: Any, suite: str, name: str = "oft:<in-memory>",
+                    unnorm_key: str | None = None) -> OFTEvalPolicy:
+        """Wrap an ``OFTPolicy`` already in memory (this process only)."""
+        cfg = policy.config
+        param = next(policy.model.parameters())
+        cameras = oft_cameras(cfg.num_images)
+        key = resolve_unnorm_key(sorted(policy.stats), suite, unnorm_key)
+        info = PolicyInfo(name=name, cameras=cameras, image_size=cfg.image_size, chunk_len=cfg.chunk_len,
+                          action_convention="oft", state_dim=cfg.proprio_dim if cfg.use_proprio else 0,
+                          action_dim=cfg.action_dim, center_crop=bool(policy.processor.center_crop),
+                          details={"unnorm_key": key, "dtype": str(param.dtype).replace("torch.", ""),
+                                   "device": str(param.device)})
+        return cls(policy, info)
+
+    def reset(self, context: EpisodeContext) -> None:
+        pass  # OFT is stateless between queries
+
+    def infer(self, observation: dict[str, Any]) -> np.ndarray:
+        return self.policy.predict_action_chunk(observation, unnorm_key=self.unnorm_key)
+
+
+# --------------------------------------------------------------------------------------------- expert
+
+class ExpertPolicy:
+    """The scripted pick-and-place expert (``envs/experts.py``; LIBERO-Object and -Spatial) as a closed-loop
+    policy: one raw env action per query, planned from privileged simulator state after the wait steps.
+    Re-plans (regrasps) when its script ends without success, at most ``max_attempts`` times, as
+    ``run_expert_episode`` does. Seeded per episode with ``seed + episode``."""
+
+    def __init__(self, seed: int = 0, max_attempts: int = 3) -> None:
+        self.seed = int(seed)
+        self.max_attempts = int(max_attempts)
+        self.info = PolicyInfo(name="expert", cameras=(), image_size=None, chunk_len=1, action_convention="raw",
+                               state_dim=STATE_DIM, privileged=True, details={"seed": self.seed})
+        self._env: Any = None
+        self._episode = 0
+        self._expert: Any = None
+        self._attempts = 0
+
+    def reset(self, context: EpisodeContext) -> None:
+        if context.env is None:
+            raise ValueError("the scripted expert reads the simulator: EpisodeContext.env must be the LiberoEnv")
+        self._env, self._episode, self._expert = context.env, context.episode, None
+
+    def infer(self, observation: dict[str, Any]) -> np.ndarray:
+        from spatial_forcing.envs.experts import ScriptedExpert
+
+        if self._expert is None:  # plan on the settled scene (the first query comes after the wait steps)
+            self._expert = ScriptedExpert(self._env, seed=self.seed + self._episode)
+            self._expert.reset()
+            self._attempts = 1
+        elif self._expert.done and self._expert._wp_steps > 15 and self._attempts < self.max_attempts:
+            self._attempts += 1  # the script ended without success: re-plan from the current state
+            self._expert.reset()
+        return self._expert.act()[None]
+
+
+# ------------------------------------------------------------------------------------------ references
+
+@dataclass(frozen=True)
+class PolicyRef:
+    """A picklable recipe for a policy, rebuilt once in every worker process. ``kind`` is a key of
+    ``POLICY_KINDS``; ``source`` a path, hub id or address."""
+
+    kind: str
+    source: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    unnorm_key: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str, **kwargs: Any) -> PolicyRef:
+        """``"expert"`` -> the scripted expert; anything else -> an OFT checkpoint folder or hub id."""
+        if text == "expert":
+            return cls("expert", **kwargs)
+        path = Path(text).expanduser()
+        return cls("oft", source=str(path.resolve()) if path.exists() else text, **kwargs)
+
+
+def _describe_expert(ref: PolicyRef, suite: str) -> PolicyInfo:
+    return ExpertPolicy(ref.seed).info
+
+
+POLICY_KINDS: dict[str, tuple[Callable[[PolicyRef, str], PolicyInfo], Callable[[PolicyRef, str], Any]]] = {
+    "oft": (describe_oft, OFTEvalPolicy.load),
+    "expert": (_describe_expert, lambda ref, suite: ExpertPolicy(ref.seed)),
+}
+
+
+def _kind(ref: PolicyRef) -> tuple[Callable, Callable]:
+    if ref.kind not in POLICY_KINDS:
+        raise ValueError(f"unknown policy kind {ref.kind!r}; known: {sorted(POLICY_KINDS)}")
+    return POLICY_KINDS[ref.kind]
+
+
+def describe_policy(ref: PolicyRef, suite: str) -> PolicyInfo:
+    """The policy's PolicyInfo without loading it (cheap; used to validate before starting workers)."""
+    return _kind(ref)[0](ref, suite)
+
+
+def build_policy(ref: PolicyRef, suite: str) -> EvalPolicy:
+    """Load the policy (once per worker process)."""
+    policy = _kind(ref)[1](ref, suite)
+    check_fits_libero(policy.info)
+    return policy
