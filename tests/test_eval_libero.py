@@ -301,3 +301,67 @@ def test_bad_input_is_explained(tmp_path, capsys):
     rc, err = run("--policy", "expert", "--suite", SUITE, "--replan-steps", "2")
     assert rc == 2 and "--replan-steps: expected 1..1" in err
     assert not (tmp_path / "x").exists()  # nothing was started
+
+
+def test_remote_mode_gives_the_same_actions_as_local_mode(tmp_path, capsys):
+    """The same checkpoint loaded here and served by `sf serve`'s server: identical executed actions."""
+    from spatial_forcing.serve.server import ServeConfig, ServerThread, load_policy
+
+    _mini_policy().save_pretrained(tmp_path / "mini")
+    common = ["--suite", SUITE, "--tasks", "0", "--trials-per-task", "2", "--max-steps", "16", "--videos", "none",
+              "--quiet"]
+    assert main(["eval", "libero", "--policy", str(tmp_path / "mini"), "--output", str(tmp_path / "local")] + common) == 0
+    config = ServeConfig(host="127.0.0.1", port=0, http_port=0)
+    with ServerThread(load_policy(str(tmp_path / "mini")), config, name="mini") as running:
+        url = f"ws://127.0.0.1:{running.server.ws_port}"
+        rc = main(["eval", "libero", "--policy-server", url, "--workers", "2", "--output", str(tmp_path / "remote")]
+                  + common)
+    assert rc == 0, capsys.readouterr().err
+    local, remote = _lines(tmp_path / "local"), _lines(tmp_path / "remote")
+    assert len(local) == len(remote) == 2
+    by_episode = {r["episode"]: r for r in remote}
+    for rec in local:
+        other = by_episode[rec["episode"]]
+        assert (other["steps"], other["queries"], other["scene_hash"]) == (rec["steps"], rec["queries"], rec["scene_hash"])
+        assert other["actions_sha1"] == rec["actions_sha1"] and rec["actions_sha1"]
+    res = json.loads((tmp_path / "remote" / "results.json").read_text())
+    assert res["policy"]["name"] == f"remote:{url}" and res["policy"]["image_size"] == 112
+
+
+def test_unreachable_or_garbage_policy_server_is_explained(tmp_path, capsys):
+    import asyncio
+    import threading
+
+    from websockets.asyncio.server import serve
+
+    assert main(["eval", "libero", "--policy-server", "ws://127.0.0.1:9", "--suite", SUITE, "--quiet"]) == 2
+    assert "no policy server at ws://127.0.0.1:9" in capsys.readouterr().err
+
+    ready, stop = threading.Event(), threading.Event()
+    port = []
+
+    def garbage_server():
+        async def handler(ws):
+            await ws.send(b"\xc1 not msgpack")
+            await asyncio.sleep(1)
+
+        async def run():
+            async with serve(handler, "127.0.0.1", 0) as server:
+                port.append(server.sockets[0].getsockname()[1])
+                ready.set()
+                while not stop.is_set():
+                    await asyncio.sleep(0.05)
+
+        asyncio.run(run())
+
+    thread = threading.Thread(target=garbage_server, daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        rc = main(["eval", "libero", "--policy-server", f"ws://127.0.0.1:{port[0]}", "--suite", SUITE, "--quiet"])
+    finally:
+        stop.set()
+        thread.join(5)
+    assert rc == 2 and "sf eval: error:" in capsys.readouterr().err
+    assert main(["eval", "libero", "--suite", SUITE]) == 2
+    assert "exactly one of --policy" in capsys.readouterr().err

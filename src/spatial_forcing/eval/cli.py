@@ -21,6 +21,9 @@ def add_eval_arguments(subparsers: Any) -> None:
                     "parallel simulator processes. Rerunning with the same --output resumes.")
     p.add_argument("--policy", help="checkpoint folder or Hugging Face hub id (this project's or an upstream "
                                     "OpenVLA-OFT / Spatial-Forcing one), or 'expert' (scripted, Object/Spatial only)")
+    p.add_argument("--policy-server", metavar="ws://HOST:PORT",
+                   help="evaluate a policy served by `sf serve` (openpi websocket protocol) instead of loading one: "
+                        "one GPU server feeds every simulator worker; SF_SERVE_SECRET holds its secret, if any")
     p.add_argument("--suite", default="libero_spatial",
                    help="a suite, or several comma-separated (e.g. libero_spatial,libero_spatial_lan); "
                         "--list-suites shows them")
@@ -58,8 +61,9 @@ def _list_suites() -> int:
 def cmd_eval_libero(args: argparse.Namespace) -> int:
     if args.list_suites:
         return _list_suites()
-    if not args.policy:
-        raise ValueError("--policy is required (a checkpoint folder, a hub id, or 'expert')")
+    if bool(args.policy) == bool(args.policy_server):
+        raise ValueError("give exactly one of --policy (a checkpoint folder, a hub id, or 'expert') and "
+                         "--policy-server ws://HOST:PORT")
     from spatial_forcing.eval.policies import PolicyRef
     from spatial_forcing.eval.results import format_summary
     from spatial_forcing.eval.runner import evaluate_libero
@@ -67,8 +71,13 @@ def cmd_eval_libero(args: argparse.Namespace) -> int:
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     if not suites:
         raise ValueError("--suite: expected at least one suite name")
-    ref = PolicyRef.parse(args.policy, device=args.device, dtype=args.dtype, unnorm_key=args.unnorm_key,
-                          seed=args.seed)
+    if args.policy_server:
+        if not args.policy_server.startswith(("ws://", "wss://")):
+            raise ValueError(f"--policy-server: expected ws://HOST:PORT, found {args.policy_server!r}")
+        ref = PolicyRef("remote", source=args.policy_server, seed=args.seed)
+    else:
+        ref = PolicyRef.parse(args.policy, device=args.device, dtype=args.dtype, unnorm_key=args.unnorm_key,
+                              seed=args.seed)
     root = Path(args.output) if args.output else None
     summaries = []
     for suite in suites:

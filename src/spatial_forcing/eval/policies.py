@@ -12,16 +12,18 @@ Spatial-Forcing folder or a hub id, converted on the fly) and ``ExpertPolicy`` (
 expert, privileged state, for verifying the harness without a model). Worker processes rebuild a policy from
 a picklable ``PolicyRef`` once per process; ``POLICY_KINDS`` maps a kind to ``(describe, build)``.
 
-A remote policy plugs in with one entry, e.g. ``POLICY_KINDS["remote"] = (describe_remote, RemotePolicy.connect)``:
-``describe`` reads the server's metadata (cameras, image side, chunk length, action convention) into a
-``PolicyInfo`` without loading anything, and ``infer`` sends the observation dict above and returns the
-server's chunk. Each worker process then holds one connection, so one GPU server feeds many simulators.
+``RemotePolicy`` (``--policy-server ws://HOST:PORT``) is a policy served by ``sf serve``: ``describe_remote``
+reads the server's metadata frame (views, image side, chunk, action convention) into a ``PolicyInfo``, and
+``infer`` sends the observation above under the server's observation-map keys. Each worker process holds
+one connection, so one GPU server feeds many CPU simulators. The secret, if the server has one, comes from
+``SF_SERVE_SECRET``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -283,6 +285,69 @@ class ExpertPolicy:
         return self._expert.act()[None]
 
 
+# --------------------------------------------------------------------------------------------- remote
+
+def _remote_info(ref: PolicyRef, meta: dict[str, Any]) -> PolicyInfo:
+    needed = ("num_images", "action_horizon", "action_dim", "observation_map", "image_size")
+    missing = [k for k in needed if k not in meta]
+    if missing:
+        raise ValueError(f"policy server {ref.source}: its metadata lacks {missing} (an sf serve server sends them; "
+                         f"got keys {sorted(meta)})")
+    omap = meta["observation_map"]
+    if len(omap.get("images", ())) < int(meta["num_images"]) or not omap.get("prompt"):
+        raise ValueError(f"policy server {ref.source}: its observation map {omap} does not name "
+                         f"{meta['num_images']} image keys and a prompt key")
+    return PolicyInfo(name=f"remote:{ref.source}", cameras=oft_cameras(int(meta["num_images"])),
+                      image_size=int(meta["image_size"]), chunk_len=int(meta["action_horizon"]),
+                      action_convention=str(meta.get("action_convention", "oft")),
+                      state_dim=int(meta.get("state_dim") or 0), action_dim=int(meta["action_dim"]),
+                      center_crop=bool(meta.get("center_crop", False)),
+                      details={"server_policy": meta.get("policy"), "unnorm_key": meta.get("unnorm_key"),
+                               "observation_map": omap})
+
+
+class RemotePolicy:
+    """A policy behind the openpi websocket protocol (``sf serve``), fed exactly what a local policy gets."""
+
+    def __init__(self, client: Any, info: PolicyInfo) -> None:
+        self.client, self.info = client, info
+        omap = info.details["observation_map"]
+        self.image_keys = list(omap["images"])[:len(info.cameras)]
+        self.state_key, self.prompt_key = omap.get("state"), omap["prompt"]
+
+    @staticmethod
+    def _client(ref: PolicyRef, connect_timeout: float = 30.0) -> Any:
+        from spatial_forcing.serve.client import WebsocketClientPolicy
+
+        return WebsocketClientPolicy(ref.source, port=None, api_key=os.environ.get("SF_SERVE_SECRET") or None,
+                                     connect_timeout=connect_timeout)
+
+    @classmethod
+    def connect(cls, ref: PolicyRef, suite: str) -> RemotePolicy:
+        client = cls._client(ref)
+        return cls(client, _remote_info(ref, client.get_server_metadata()))
+
+    def reset(self, context: EpisodeContext) -> None:
+        pass  # the protocol has no reset; OFT is stateless between queries
+
+    def infer(self, observation: dict[str, Any]) -> np.ndarray:
+        request = {key: image for key, image in zip(self.image_keys, observation["images"])}
+        request[self.prompt_key] = observation["instruction"]
+        if self.state_key:
+            request[self.state_key] = np.asarray(observation["state"], dtype=np.float64)
+        return np.asarray(self.client.infer(request)["actions"])
+
+
+def describe_remote(ref: PolicyRef, suite: str) -> PolicyInfo:
+    """Connect once (waiting up to 5 s for the server), read the metadata frame, close (workers connect on
+    their own)."""
+    client = RemotePolicy._client(ref, connect_timeout=5.0)
+    try:
+        return _remote_info(ref, client.get_server_metadata())
+    finally:
+        client.close()
+
+
 # ------------------------------------------------------------------------------------------ references
 
 @dataclass(frozen=True)
@@ -313,6 +378,7 @@ def _describe_expert(ref: PolicyRef, suite: str) -> PolicyInfo:
 POLICY_KINDS: dict[str, tuple[Callable[[PolicyRef, str], PolicyInfo], Callable[[PolicyRef, str], Any]]] = {
     "oft": (describe_oft, OFTEvalPolicy.load),
     "expert": (_describe_expert, lambda ref, suite: ExpertPolicy(ref.seed)),
+    "remote": (describe_remote, RemotePolicy.connect),
 }
 
 

@@ -50,6 +50,7 @@ class EpisodeResult:
     instruction: str = ""
     error: str | None = None
     scene_hash: str | None = None  # initial scene (fixture layout + init state): equal across serial / resumed runs
+    actions_sha1: str | None = None  # every executed env action (float64): equal for equal behaviour (local/remote)
     seconds: float = 0.0  # wall time of the whole episode
     seconds_reset: float = 0.0  # replayed resets + reset + wait steps
     seconds_env: float = 0.0  # inside env.step during the policy loop
@@ -116,6 +117,7 @@ class TaskSession:
         res = EpisodeResult(p.suite, self.task.index, self.task.name, episode, False, "exception", 0, 0, 0)
         frames: list[np.ndarray] = []
         queue: deque[np.ndarray] = deque()
+        digest = hashlib.sha1()
         try:
             env = self._open()
             res.instruction = env.instruction
@@ -140,8 +142,10 @@ class TaskSession:
                     res.seconds_policy += time.perf_counter() - t
                     res.queries += 1
                     queue.extend(postprocess_actions(chunk, info.action_convention, info.action_dim)[:p.replan_steps])
+                action = queue.popleft()
+                digest.update(np.ascontiguousarray(action, dtype=np.float64).tobytes())
                 t = time.perf_counter()
-                obs, _, done, _ = env.step(queue.popleft(), convention="raw")
+                obs, _, done, _ = env.step(action, convention="raw")
                 res.seconds_env += time.perf_counter() - t
                 res.steps += 1
                 res.env_steps += 1
@@ -154,5 +158,6 @@ class TaskSession:
             res.success, res.reason = False, "exception"
             where = traceback.extract_tb(exc.__traceback__)[-1]
             res.error = f"{type(exc).__name__}: {exc} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
+        res.actions_sha1 = digest.hexdigest()[:16]
         res.seconds = time.perf_counter() - t0
         return res, frames

@@ -119,7 +119,7 @@ class PolicyServer:
         self.metadata = {"server": "spatial-forcing", "version": __version__, "policy": name,
                          "action_horizon": self.spec.action_horizon, "action_dim": self.spec.action_dim,
                          "num_images": self.spec.num_images, "state_dim": self.spec.state_dim,
-                         "observation_map": self.ws_map.to_dict()}
+                         "observation_map": self.ws_map.to_dict(), **policy_facts(policy)}
         self._metadata_frame = packb(self.metadata)
         self._ws_server: Any = None
         self._http_runner: web.AppRunner | None = None
@@ -333,6 +333,17 @@ class PolicyServer:
 
 
 # ====================================================================== running it
+def policy_facts(policy: Any) -> dict[str, Any]:
+    """What a client needs beyond the input spec to feed the policy like a local caller: its image side,
+    whether its processor centre-crops, the statistics entry it un-normalises with, and the convention of
+    its actions ("oft": gripper 1 = open, 0 = close). Only the facts the policy has."""
+    facts = {"image_size": getattr(getattr(policy, "config", None), "image_size", None),
+             "center_crop": getattr(getattr(policy, "processor", None), "center_crop", None),
+             "unnorm_key": getattr(policy, "unnorm_key", None),
+             "action_convention": getattr(policy, "action_convention", None)}
+    return {k: v for k, v in facts.items() if v is not None}
+
+
 def load_policy(path_or_id: str, unnorm_key: str | None = None, device: str = "auto", dtype: str = "auto"):
     """`OFTPolicy.from_pretrained` in eval mode on `device` ("auto": CUDA if present) in `dtype`
     ("auto": bfloat16 on CUDA, float32 on CPU)."""

@@ -45,6 +45,8 @@ class OFTPolicy(nn.Module):
     """OpenVLA-OFT policy: `model` (OFTModel), `processor` (images, prompt, proprio), `stats`
     (dataset statistics by name; `unnorm_key` picks the default entry)."""
 
+    action_convention = "oft"  # LIBERO: gripper 1 = open, 0 = close (the env wants -1 open, +1 close)
+
     def __init__(self, model: OFTModel, processor: OFTProcessor, stats: dict[str, DatasetStats] | None = None,
                  unnorm_key: str | None = None) -> None:
         super().__init__()
