@@ -1,11 +1,11 @@
 # Two commands on a fresh machine:
-#   make demo   install into .venv, then run the main job on its embedded default
-#   make test   install into .venv (with test extras), then run the test suite
+#   make quickstart   install into .venv, then run the main job (sf quickstart) on its embedded default
+#   make test         install into .venv (with test extras), then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install quickstart demo test bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+quickstart: install
+	MUJOCO_GL=egl $(BIN)/sf quickstart
+
 demo: install
 	$(BIN)/sf demo
 
@@ -23,7 +26,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python benchmarks/teacher.py --device cpu
+	MUJOCO_GL=egl $(BIN)/sf bench
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

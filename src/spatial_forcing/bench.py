@@ -47,6 +47,7 @@ BENCHMARKS = [
     Benchmark("train", "train.py", (), ("--models", "--device", "cuda"), "5"),
     Benchmark("eval", "eval.py", (), None, "5"),
     Benchmark("serve", "serve.py", (), None, "2"),
+    Benchmark("quickstart", "quickstart.py", (), None, "12"),
 ]
 
 
@@ -134,9 +135,19 @@ def _serve(d: dict) -> list[Row]:
     return rows
 
 
+def _quickstart(d: dict) -> list[Row]:
+    minutes = d["seconds"]["total"] / 60
+    sf, base = d["runs"]["sf"]["probe_r2_aligned"], d["runs"]["baseline"]["probe_r2_aligned"]
+    return [("sf quickstart wall time", _fmt(minutes, " min"), "<= 15 min", _status(minutes <= 15)),
+            (f"depth probe R², layer {d['aligned_layer']}: SF / no SF", f"{sf:.3f} / {base:.3f}", "SF > no SF",
+             _status(sf > base)),
+            ("success rate: SF / no SF", f"{d['runs']['sf']['success_rate']:.0%} / "
+             f"{d['runs']['baseline']['success_rate']:.0%}", "", "")]
+
+
 HEADLINES: dict[str, Callable[[dict], list[Row]]] = {
     "teacher": _teacher, "inference": _inference, "data": _data, "collect": _collect, "experts": _experts,
-    "train": _train, "eval": _eval, "serve": _serve}
+    "train": _train, "eval": _eval, "serve": _serve, "quickstart": _quickstart}
 
 
 def benchmark_of(path: Path) -> str:

@@ -223,6 +223,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .quickstart import QuickstartConfig, format_summary, run_quickstart
+
+    cfg = QuickstartConfig(**{f.name: getattr(args, f.name) for f in fields(QuickstartConfig)})
+    print(f"Spatial Forcing quickstart -> {cfg.out} (about 10-15 minutes on 2 CPU cores with the defaults)")
+    summary = run_quickstart(cfg, progress=not args.quiet)
+    print("\n" + format_summary(summary))
+    if args.record:
+        import datetime
+        import platform
+
+        doc = {"benchmark": "quickstart", "date": datetime.date.today().isoformat(),
+               "device": f"{platform.machine()}, {os.cpu_count()} CPU cores", **summary}
+        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.record).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"recorded: {args.record}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sf", description="Spatial Forcing: align a VLA policy's visual tokens with a frozen 3D teacher.")
@@ -290,6 +311,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/demo", help="folder for the summary JSON")
     p.set_defaults(func=cmd_demo)
+
+    from .quickstart import QuickstartConfig
+
+    q = QuickstartConfig()
+    p = sub.add_parser("quickstart", help="Spatial Forcing end to end on this machine: demos, 2 trainings, eval, probe, report",
+                       description="Collect scripted LIBERO demonstrations (cached), train the compact student with and "
+                                   "without Spatial Forcing from the same seed, evaluate both in the simulator, probe "
+                                   "their visual tokens for depth, and write a report with plots and rollout videos.")
+    p.add_argument("--suite", default=q.suite, choices=["libero_object", "libero_spatial"])
+    p.add_argument("--tasks", default=q.tasks, help="task indices, comma-separated")
+    p.add_argument("--episodes", dest="episodes_per_task", type=int, default=q.episodes_per_task,
+                   help="demonstrations per task")
+    p.add_argument("--image-size", type=int, default=q.image_size, help="recorded frame side")
+    p.add_argument("--steps", type=int, default=q.steps, help="training steps per run")
+    p.add_argument("--batch-size", type=int, default=q.batch_size)
+    p.add_argument("--eval-trials", type=int, default=q.eval_trials, help="evaluation episodes per task and policy")
+    p.add_argument("--eval-max-steps", type=int, default=q.eval_max_steps,
+                   help="0: the protocol's limit (LIBERO-Object 280); smaller values shorten failed episodes")
+    p.add_argument("--probe-samples", type=int, default=q.probe_samples, help="frames per probe split")
+    p.add_argument("--val-episodes", type=int, default=q.val_episodes, help="episodes held out (validation, probe)")
+    p.add_argument("--workers", type=int, default=q.workers, help="simulator processes")
+    p.add_argument("--seed", type=int, default=q.seed)
+    p.add_argument("--out", default=q.out)
+    p.add_argument("--record", help="also write the summary as a benchmark result (e.g. benchmarks/results/quickstart.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("probe", help="linear depth probe of a policy's visual tokens, per layer",
                        description="Fit a ridge probe (closed form) from the visual-token hidden states at each "

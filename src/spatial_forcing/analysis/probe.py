@@ -219,6 +219,7 @@ def plot_probe(result: dict[str, Any], path: str) -> None:
     for name, scores in result["policies"].items():
         layers = sorted(scores)
         ax.plot(layers, [scores[k]["r2"] for k in layers], marker="o", label=name)
+        ax.set_xticks(layers)
     ax.set_xlabel("layer")
     ax.set_ylabel("held-out R$^2$ (patch depth)")
     ax.set_title("linear depth probe of the visual tokens")
