@@ -583,6 +583,21 @@ def _blank_like(sensor: Any, shape: tuple[int, ...]) -> Any:
     return blank
 
 
+def _default_robosuite_macros() -> None:
+    """robosuite prints three warnings at import when it has no private macro file. Without one, register
+    an empty `robosuite.macros_private` (every macro keeps its default, as without the file); a real file
+    is left alone (and `_make_env` still refuses one that changes the image convention)."""
+    import importlib.util
+    import types
+
+    if "robosuite" in sys.modules or "robosuite.macros_private" in sys.modules:
+        return
+    spec = importlib.util.find_spec("robosuite")  # a top-level spec: robosuite is not imported
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if folders and not any((Path(f) / "macros_private.py").is_file() for f in folders):
+        sys.modules["robosuite.macros_private"] = types.ModuleType("robosuite.macros_private")
+
+
 class LiberoEnv:
     """One LIBERO task in an ``OffScreenRenderEnv``, with canonical observations (see module docstring).
 
@@ -644,6 +659,7 @@ class LiberoEnv:
         return names
 
     def _make_env(self, hard_reset: bool) -> Any:
+        _default_robosuite_macros()
         import robosuite.macros as macros  # after setup(): GL platform already chosen
 
         if macros.IMAGE_CONVENTION != "opengl":
