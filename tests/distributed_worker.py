@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+import faulthandler
+
 import torch
 
 from spatial_forcing.train import distributed
@@ -30,6 +32,7 @@ def trained_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str]) -> None:
+    faulthandler.enable(all_threads=True)
     cfg, out = TrainConfig.load(argv[0]), Path(argv[1])
     resume = argv[argv.index("--resume") + 1] if "--resume" in argv else None
     if "--grads" in argv:

@@ -28,12 +28,13 @@ def dataset(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("data") / "ds", episodes=5)
 
 
-def torchrun(*args, nproc: int = 2) -> None:
+def torchrun(*args, nproc: int = 2, module: bool = False) -> str:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(TESTS / "distributed_worker.py"), *map(str, args)]
+    target = ["-m", *map(str, args)] if module else [str(TESTS / "distributed_worker.py"), *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-6000:])
+    return r.stdout
 
 
 def weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
@@ -77,3 +78,13 @@ def test_two_processes_match_one_process_with_the_combined_batch(dataset, tmp_pa
     assert resumed["steps"] == 4 and abs(resumed["last"]["loss"] - multi["last"]["loss"]) < 1e-6
     again = weights(resumed["checkpoint"])
     assert all(torch.equal(again[k], straight[k]) for k in straight)
+
+
+def test_sf_train_command_under_torchrun(dataset, tmp_path):
+    """The documented launch: torchrun starting `sf train` on every rank; one process prints, one writes."""
+    cfg = config(dataset, tmp_path / "run", batch_size=2, max_steps=2, save_every=2)
+    cfg.save(tmp_path / "cfg.json")
+    out = torchrun("spatial_forcing.cli", "train", "--config", tmp_path / "cfg.json", "--quiet", module=True)
+    assert out.count("trained 2 steps") == 1 and "2 process(es)" in out
+    (step, folder), = list_checkpoints(cfg.output_dir)
+    assert step == 2 and OFTPolicy.from_pretrained(folder / "policy").config.num_layers == 4

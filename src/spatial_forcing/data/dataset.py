@@ -153,6 +153,7 @@ class ChunkedDataset(Dataset):
         frame = self.source.frame(e, t, keys=keys)
         g = self.generator(i)
         size = cfg.image_size
+        boxes = []
         for cam in self.cameras:
             raw = frame[IMAGE + cam]
             image = torch.from_numpy(resize_uint8(raw, size)).permute(2, 0, 1)
@@ -163,6 +164,7 @@ class ChunkedDataset(Dataset):
                 image = (augmented * 255.5).trunc_().clamp_(max=255.0).to(torch.uint8)
             sample[IMAGE + cam] = image
             sample[f"crop_box.{cam}"] = torch.tensor(box, dtype=torch.float32)
+            boxes.append(box)
             for key, mode in ((DEPTH + cam, "nearest"), (PAD_MASK + cam, "nearest")):
                 if key in frame and frame[key] is not None:
                     m = torch.as_tensor(np.array(frame[key]))[None].float()
@@ -172,8 +174,7 @@ class ChunkedDataset(Dataset):
             if INTRINSICS + cam in frame and frame[INTRINSICS + cam] is not None:
                 k = resize_intrinsics(np.asarray(frame[INTRINSICS + cam]), raw.shape[:2], size)
                 sample[INTRINSICS + cam] = crop_intrinsics(torch.from_numpy(k), box, (size, size), (size, size))
-        if self.teacher_cache is not None:
-            boxes = [tuple(sample[f"crop_box.{cam}"].tolist()) for cam in self.cameras]
+        if self.teacher_cache is not None:  # the very boxes the pixels were cropped with
             sample["teacher.feats"], sample["teacher.valid"] = crop_grid(*self.teacher_cache.read(e, t), boxes)
         return sample
 

@@ -76,14 +76,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from spatial_forcing.train import distributed
     from spatial_forcing.train.loop import Trainer, format_summary
 
     cfg = config_from_args(args)
     trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
-    device = trainer.device
-    trained = sum(p.numel() for p in trainer.params)
-    print(f"run {cfg.output_dir}: policy {cfg.policy}, {'SF with ' + cfg.teacher if cfg.sf else 'no SF'}, "
-          f"{len(trainer.dataset)} training samples, {trained:,} trained parameters, {device}"
-          + (f", resuming at step {trainer.step} from {trainer.resume_from}" if trainer.resume_from else ""))
-    print(format_summary(trainer.fit()))
+    if trainer.ctx.main:  # under torchrun, one process speaks
+        trained = sum(p.numel() for p in trainer.params)
+        print(f"run {cfg.output_dir}: policy {cfg.policy}, {'SF with ' + cfg.teacher if cfg.sf else 'no SF'}, "
+              f"{len(trainer.dataset)} training samples, {trained:,} trained parameters"
+              f"{' (this shard)' if distributed.is_sharded(trainer.wrapped) else ''}, {trainer.device}, "
+              f"{trainer.ctx.world} process(es)"
+              + (f", resuming at step {trainer.step} from {trainer.resume_from}" if trainer.resume_from else ""))
+    summary = trainer.fit()
+    if trainer.ctx.main:
+        print(format_summary(summary))
+    distributed.shutdown()
     return 0

@@ -56,7 +56,10 @@ def init(device_type: str) -> Dist:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank that tears gloo down while another still talks to it
+    can abort at exit ("terminate called without an active exception"), so every rank waits first."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

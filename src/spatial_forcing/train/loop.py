@@ -244,12 +244,16 @@ class Trainer:
         self._build(source)
 
     def _wants_cuda(self) -> bool:
-        return self.cfg.device == "cuda" or (self.cfg.device == "auto" and torch.cuda.is_available())
+        if self.cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.cfg.device!r}: CUDA is not available on this machine (use auto or cpu)")
+        return self.cfg.device.startswith("cuda") or (self.cfg.device == "auto" and torch.cuda.is_available())
 
     def _device(self) -> torch.device:
-        if self._wants_cuda():
-            return torch.device("cuda", self.ctx.local_rank if self.ctx.world > 1 else torch.cuda.current_device())
-        return torch.device(self.cfg.device if self.cfg.device not in ("auto", "cuda") else "cpu")
+        if not self._wants_cuda():
+            return torch.device("cpu" if self.cfg.device == "auto" else self.cfg.device)
+        if self.ctx.world > 1:
+            return torch.device("cuda", self.ctx.local_rank)
+        return torch.device(self.cfg.device) if ":" in self.cfg.device else torch.device("cuda", torch.cuda.current_device())
 
     # ---------------------------------------------------------------- construction
     def _build(self, source: Any) -> None:
