@@ -102,8 +102,11 @@ def jpeg(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def pil_decode(data: bytes) -> np.ndarray:
-    return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+def tf_decode(data: bytes) -> np.ndarray:
+    """What `tf.io.decode_image` gives (fast integer IDCT; pinned against TensorFlow in test_tfimage.py)."""
+    from spatial_forcing.data.tfimage import decode_jpeg
+
+    return decode_jpeg(data)
 
 
 # ---------------------------------------------------------------------------------------- CRC and framing
@@ -347,7 +350,7 @@ def test_frames_decode_to_written_pixels(dataset, episodes):
             for key, view in (("agentview", "images"), ("wrist", "wrist")):
                 img = fr[IMAGE + key]
                 assert img.dtype == np.uint8 and img.shape == (H, W, 3)
-                np.testing.assert_array_equal(img, pil_decode(ep[view][t]))
+                np.testing.assert_array_equal(img, tf_decode(ep[view][t]))
                 orig = make_image(e, t, 0 if key == "agentview" else 1).astype(int)
                 assert np.abs(img.astype(int) - orig).mean() < 3  # no flip applied by the reader
             np.testing.assert_array_equal(fr[STATE], ep["state"][t])

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from . import tfimage
 from .augment import AugmentConfig, augment_view, crop_intrinsics, crop_resize
 from .normalize import DatasetStats, normalize, zero_constant_dims
 from .schema import ACTION, DEPTH, IMAGE, INTRINSICS, PAD_MASK, STATE, TASK, EpisodeSource
@@ -73,14 +73,13 @@ def build_index(lengths: list[int], chunk_len: int, chunk_mode: str) -> np.ndarr
 
 
 def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 HWC -> size x size with Lanczos (antialiased), rounded to uint8 (as the OFT data)."""
-    if image.shape[0] == size and image.shape[1] == size:
-        return np.array(image, dtype=np.uint8)  # a writable copy (decoded frames may be read-only)
-    return np.array(Image.fromarray(image).resize((size, size), Image.LANCZOS))
+    """uint8 HWC -> size x size as the published pipeline (dlimp `resize_image`): TF lanczos3 antialias in
+    float32, round half to even, clip, uint8, bit for bit (`tfimage.resize_uint8`); a writable copy."""
+    return tfimage.resize_uint8(image, size)
 
 
 def resize_intrinsics(k: np.ndarray, in_hw: tuple[int, int], size: int) -> np.ndarray:
-    """Pixel intrinsics after resizing with pixel centres at +0.5 (PIL convention)."""
+    """Pixel intrinsics after resizing with pixel centres at +0.5 (the convention of TF's resize)."""
     sy, sx = size / in_hw[0], size / in_hw[1]
     out = np.array(k, dtype=np.float32, copy=True)
     out[0, 0], out[0, 1], out[1, 1] = k[0, 0] * sx, k[0, 1] * sx, k[1, 1] * sy

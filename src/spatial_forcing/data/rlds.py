@@ -12,12 +12,12 @@ Formats: DATA.md Part A. One TFRecord record = one serialized `tf.train.Example`
 The source indexes every episode on construction by walking record headers and the Example's map-entry
 headers only (images are skipped by their length prefix, never read). The first access to an episode
 reads its record once (data CRC checked there), decodes the small arrays and keeps, per camera, the file
-offsets of each step's JPEG; a frame then costs one `pread` of that JPEG plus the Pillow decode.
+offsets of each step's JPEG; a frame then costs one `pread` of that JPEG plus a TF-exact decode
+(`tfimage.decode_jpeg`).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import mmap
 import os
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from . import tfimage
 from .schema import ACTION, IMAGE, STATE, TASK
 from .standardize import ACTION_MASKS, STANDARDIZATIONS, standardize_libero
 
@@ -588,12 +589,11 @@ class _Layout:
 
 
 def decode_image(data: bytes, where: str = "image") -> np.ndarray:
-    """JPEG/PNG bytes → uint8 `[H, W, 3]` RGB (no flip: the RLDS frames are already rotated 180°, A.4)."""
+    """JPEG/PNG bytes → uint8 `[H, W, 3]` RGB (no flip: the RLDS frames are already rotated 180°, A.4).
+    JPEGs decode to the pixels the published pipeline's `tf.io.decode_image` gives (TF's fast integer IDCT,
+    `tfimage.decode_jpeg`); Pillow's accurate IDCT would differ in most values, by up to ~17 levels."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            arr = np.array(img, dtype=np.uint8)
+        arr = tfimage.decode_image(data)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise RLDSError(f"{where}: cannot decode the image ({len(data)} bytes): {exc}") from exc
     if arr.ndim != 3 or arr.shape[2] != 3:
