@@ -679,6 +679,50 @@ def test_timeouts_and_connection_cap(policy_dir):
         assert running.alive
 
 
+def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float:
+    """Send `trickle` one byte every 0.1 s until the server closes the connection; seconds it took."""
+    t0 = time.monotonic()
+    sock.settimeout(0.1)
+    for i in range(int(seconds / 0.1)):
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - t0
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            return time.monotonic() - t0
+        try:
+            if trickle:
+                sock.send(trickle[i % len(trickle):i % len(trickle) + 1])
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - t0
+    raise AssertionError(f"the server kept the connection open for {seconds} s")
+
+
+def test_slow_header_clients_are_dropped_on_both_ports(policy_dir, reference):
+    """A client that trickles its request head (or sends nothing) is disconnected after header_timeout_s,
+    on the HTTP port as on the websocket port; a normal client on a fresh connection is still answered."""
+    config = ServeConfig(host="127.0.0.1", port=0, http_port=0, header_timeout_s=0.5)
+    with ServerThread(load_policy(policy_dir), config) as running:
+        http, ws = running.server.http_port, running.server.ws_port
+        with socket.create_connection(("127.0.0.1", http)) as slow:
+            slow.sendall(b"POST /act HTTP/1.1\r\nHost: x\r\n")
+            took = _closed_within(slow, 5.0, trickle=b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n")
+            assert 0.4 < took < 2.0, took
+        with socket.create_connection(("127.0.0.1", http)) as silent:
+            assert 0.4 < _closed_within(silent, 5.0) < 2.0
+        with socket.create_connection(("127.0.0.1", ws)) as silent:  # the websocket handshake deadline
+            assert _closed_within(silent, 5.0) < 2.0
+        status, body = http_post(f"http://127.0.0.1:{http}/act", codec.json_dumps(openvla_obs(3)).encode())
+        assert status == 200 and np.array_equal(np.stack(codec.json_loads(body)), expected(reference, 3))
+        client = HttpClientPolicy(f"http://127.0.0.1:{http}")  # keep-alive: idle past the deadline, then reused
+        assert np.array_equal(client.infer(openvla_obs(4)), expected(reference, 4))
+        time.sleep(0.8)
+        assert np.array_equal(client.infer(openvla_obs(5)), expected(reference, 5))
+        client.close()
+        assert running.alive
+
+
 # ====================================================================== client side
 def test_broker_replans_every_k_steps(server, reference):
     class Counting:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 LOSS_TYPES = ("cosine",)
@@ -37,8 +38,17 @@ class AlignConfig:
             raise ValueError(f"AlignConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.resample not in RESAMPLE_MODES:
             raise ValueError(f"AlignConfig.resample must be one of {RESAMPLE_MODES}, got {self.resample!r}")
-        if self.coeff < 0:
-            raise ValueError(f"AlignConfig.coeff must be >= 0, got {self.coeff}")
+        for name in ("student_layer", "teacher_layer"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"AlignConfig.{name}: expected an integer layer index, found {value!r}")
+        for name in ("use_pos_embed", "projector_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"AlignConfig.{name}: expected true or false, found {getattr(self, name)!r}")
+        for name in ("coeff", "pos_embed_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"AlignConfig.{name}: expected a finite number >= 0, found {value!r}")
 
     @classmethod
     def preset(cls, name: str) -> "AlignConfig":

@@ -354,6 +354,19 @@ def _pa():
     return pa
 
 
+@contextlib.contextmanager
+def _reading(path: Path | str, what: str = "parquet file") -> Iterator[None]:
+    """Name the file when a reader library fails on a damaged one (their messages do not)."""
+    try:
+        yield
+    except LeRobotFormatError:
+        raise
+    except (OSError, ValueError, _pa().lib.ArrowException) as exc:
+        raise LeRobotFormatError(f"{path}: expected a readable {what}, found a damaged one "
+                                 f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") \
+            from exc
+
+
 def _pq():
     import pyarrow.parquet as pq
 
@@ -698,6 +711,15 @@ class _VideoReader:
 
     def frame(self, ts: float, tol: float = VIDEO_TOLERANCE_S) -> np.ndarray:
         """The RGB uint8 `[H, W, 3]` frame at `ts` seconds (within `tol`)."""
+        import av
+
+        try:
+            return self._frame(ts, tol)
+        except av.error.FFmpegError as exc:
+            self.close()
+            raise LeRobotFormatError(f"{self.path}: expected a readable video, found a damaged one ({exc})") from exc
+
+    def _frame(self, ts: float, tol: float) -> np.ndarray:
         self._open()
         hit = self._lookup(ts, tol)
         if hit is None:
@@ -1269,6 +1291,14 @@ def load_info(root: str | Path) -> dict[str, Any]:
     for key in ("fps", "features", "total_episodes", "total_frames", "data_path"):
         if key not in info:
             raise LeRobotFormatError(f"{path}: missing key {key!r}")
+    for key in ("data_path", "video_path"):
+        template = info.get(key)
+        if template is None and key == "video_path":
+            continue
+        parts = Path(template).parts if isinstance(template, str) else ()
+        if not parts or Path(template).is_absolute() or ".." in parts:
+            raise LeRobotFormatError(f"{path}: {key} expected a relative path inside the dataset folder, "
+                                     f"found {template!r}")
     if not isinstance(info["fps"], (int, float)) or info["fps"] <= 0:
         raise LeRobotFormatError(f"{path}: fps expected a positive number, found {info['fps']!r}")
     known = {"codebase_version", "fps", "features", "total_episodes", "total_frames", "total_tasks",
@@ -1394,7 +1424,8 @@ class LeRobotEpisodeSource:
         path = self.root / TASKS_PATH
         if not path.is_file():
             raise LeRobotFormatError(f"{path}: missing")
-        table = _pq().read_table(str(path))
+        with _reading(path):
+            table = _pq().read_table(str(path))
         cols = table.column_names
         name_col = "task" if "task" in cols else next((c for c in cols if c.startswith("__index_level")), None)
         if name_col is None or "task_index" not in cols:
@@ -1419,9 +1450,10 @@ class LeRobotEpisodeSource:
             raise LeRobotFormatError(f"{folder}: no episode parquet files")
         rows: list[dict[str, Any]] = []
         for path in files:
-            schema = pq.read_schema(str(path))
-            cols = [c for c in schema.names if not c.startswith("stats/")]
-            rows.extend(pq.read_table(str(path), columns=cols).to_pylist())
+            with _reading(path):
+                schema = pq.read_schema(str(path))
+                cols = [c for c in schema.names if not c.startswith("stats/")]
+                rows.extend(pq.read_table(str(path), columns=cols).to_pylist())
         rows.sort(key=lambda r: r["episode_index"])
         self._check_episodes(rows, folder)
         return rows
@@ -1461,7 +1493,8 @@ class LeRobotEpisodeSource:
         for path, rows in expected.items():
             if not path.is_file():
                 raise LeRobotFormatError(f"{path}: missing data file")
-            found = pq.read_metadata(str(path)).num_rows
+            with _reading(path):
+                found = pq.read_metadata(str(path)).num_rows
             if found != rows:
                 raise LeRobotFormatError(f"{path}: expected {rows} rows from the episode table, found {found}")
         return first
@@ -1470,7 +1503,8 @@ class LeRobotEpisodeSource:
         """Columns of the first data file against info.json dtypes and shapes."""
         pa = _pa()
         path = next(iter(self._file_rows))
-        schema = _pq().read_schema(str(path))
+        with _reading(path):
+            schema = _pq().read_schema(str(path))
         for key, spec in self._features.items():
             if spec["dtype"] == "video":
                 continue
@@ -1549,6 +1583,10 @@ class LeRobotEpisodeSource:
 
     # ---- EpisodeSource -----------------------------------------------------------------
 
+    def data_files(self) -> list[Path]:
+        """The parquet files that hold the frames (the statistics cache keys on them)."""
+        return list(self._file_rows)
+
     @property
     def num_episodes(self) -> int:
         return len(self._episodes)
@@ -1625,7 +1663,8 @@ class LeRobotEpisodeSource:
     def _parquet_file(self, path: Path):
         pf = self._parquet.get(path)
         if pf is None:
-            pf = self._parquet[path] = _pq().ParquetFile(str(path))
+            with _reading(path):
+                pf = self._parquet[path] = _pq().ParquetFile(str(path))
         return pf
 
     def _read_episode_column(self, episode: int, key: str):
@@ -1642,7 +1681,8 @@ class LeRobotEpisodeSource:
                 groups.append(i)
                 first = offset if first is None else first
             offset += n
-        table = pf.read_row_groups(groups, columns=[key, "episode_index"])
+        with _reading(path):
+            table = pf.read_row_groups(groups, columns=[key, "episode_index"])
         table = table.slice(start - first, row["length"])
         found = set(table.column("episode_index").to_pylist())
         if found != {episode}:
@@ -1689,7 +1729,8 @@ class LeRobotEpisodeSource:
         data = cell.get("bytes") if cell else None
         if data is None:
             raise LeRobotFormatError(f"{key!r} episode {episode} frame {t}: image bytes are missing")
-        with Image.open(BytesIO(data)) as img:
+        with _reading(f"{self._data_file(self._row(episode))} ({key!r} episode {episode} frame {t})", "PNG image"), \
+                Image.open(BytesIO(data)) as img:
             return np.asarray(img.convert("RGB"))
 
     def _video_frame(self, episode: int, t: int, key: str) -> np.ndarray:

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from spatial_forcing.errors import POSITIVE, SEED, device_arg
+
 
 def add_eval_arguments(subparsers: Any) -> None:
     """Register ``sf eval libero`` on the ``sf`` sub-command parsers."""
@@ -28,19 +30,19 @@ def add_eval_arguments(subparsers: Any) -> None:
                    help="a suite, or several comma-separated (e.g. libero_spatial,libero_spatial_lan); "
                         "--list-suites shows them")
     p.add_argument("--tasks", default="all", help="all, indices (0,3) or task names, comma-separated")
-    p.add_argument("--trials-per-task", type=int, default=50, help="episodes per task: init states 0..N-1")
-    p.add_argument("--seed", type=int, default=7, help="random/numpy/torch seed set before each task (OFT: 7)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--trials-per-task", type=POSITIVE, default=50, help="episodes per task: init states 0..N-1")
+    p.add_argument("--seed", type=SEED, default=7, help="random/numpy/torch seed set before each task (OFT: 7)")
+    p.add_argument("--workers", type=POSITIVE, default=1,
                    help="simulator processes, each with its own env and its own copy of the policy")
     p.add_argument("--output", help="results folder (default outputs/eval/<suite>-<policy>-seed<seed>); "
                                     "an existing one is resumed")
     p.add_argument("--videos", default="first:1", help="first:K (episodes 0..K-1 of each task), failures, all, none")
-    p.add_argument("--replan-steps", type=int, help="execute the first K actions of each chunk, then query again "
+    p.add_argument("--replan-steps", type=POSITIVE, help="execute the first K actions of each chunk, then query again "
                                                     "(default: the whole chunk, as OFT)")
-    p.add_argument("--max-steps", type=int, help="policy steps per episode (default: the suite's published limit)")
-    p.add_argument("--env-image-size", type=int, default=256, help="camera resolution (OFT: 256)")
+    p.add_argument("--max-steps", type=POSITIVE, help="policy steps per episode (default: the suite's published limit)")
+    p.add_argument("--env-image-size", type=POSITIVE, default=256, help="camera resolution (OFT: 256)")
     p.add_argument("--unnorm-key", help="dataset statistics entry (default: <suite> or <suite>_no_noops)")
-    p.add_argument("--device", default="auto", help="policy device: auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=device_arg, default="auto", help="policy device: auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float32")
     p.add_argument("--list-suites", action="store_true", help="list the suites the installed benchmark ships")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

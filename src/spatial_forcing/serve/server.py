@@ -77,6 +77,7 @@ class ServeConfig:
     max_message_bytes: int = 64 << 20
     request_timeout_s: float = 30.0
     client_timeout_s: float = 30.0
+    header_timeout_s: float = HANDSHAKE_TIMEOUT_S  # websocket handshake; HTTP request headers and keep-alive idle
     max_connections: int = 64
     max_prompt_chars: int = 2000
     ping_interval_s: float | None = 20.0
@@ -85,15 +86,70 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, found {self.max_message_bytes}")
-        if self.request_timeout_s <= 0 or self.client_timeout_s <= 0:
-            raise ValueError("request_timeout_s and client_timeout_s must be positive")
-        if self.max_batch < 1 or self.batch_wait_ms < 0:
+        if not all(0 < t < float("inf") for t in (self.request_timeout_s, self.client_timeout_s,
+                                                   self.header_timeout_s)):
+            raise ValueError(f"request_timeout_s, client_timeout_s and header_timeout_s: expected positive finite "
+                             f"seconds, found {self.request_timeout_s}, {self.client_timeout_s}, "
+                             f"{self.header_timeout_s}")
+        for name in ("port", "http_port"):
+            port = getattr(self, name)
+            if port is not None and not (isinstance(port, int) and 0 <= port <= 65535):
+                raise ValueError(f"{name}: expected a port in 0..65535, found {port!r}")
+        if self.max_batch < 1 or not 0 <= self.batch_wait_ms < float("inf"):
             raise ValueError(f"max_batch must be >= 1 and batch_wait_ms >= 0, found {self.max_batch}, "
                              f"{self.batch_wait_ms}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, found {self.max_connections}")
         if self.secret is not None and not self.secret:
             raise ValueError("secret: an empty secret would accept everyone; leave it unset instead")
+
+
+class _HeadDeadline(asyncio.Protocol):
+    """aiohttp's protocol for one HTTP connection, plus a deadline for the first request head: a client
+    that has not sent the request line and headers (up to the blank line) within `timeout` seconds of
+    connecting is disconnected, as the websocket port does with its handshake."""
+
+    def __init__(self, inner: asyncio.Protocol, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
+        self._inner, self._timeout, self._loop = inner, timeout, loop
+        self._timer: asyncio.TimerHandle | None = None
+        self._tail = b""
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._timer = self._loop.call_later(self._timeout, self._expire)
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            seen = self._tail + data
+            if b"\r\n\r\n" in seen or b"\n\n" in seen:  # the blank line that ends a request head
+                self._timer.cancel()
+                self._timer = None
+            self._tail = seen[-3:]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._transport is not None and not self._transport.is_closing():
+            log.info("http %s: no complete request head within %s s; disconnected",
+                     self._transport.get_extra_info("peername"), self._timeout)
+            self._transport.abort()
 
 
 class _Stalled(Exception):
@@ -123,6 +179,7 @@ class PolicyServer:
         self._metadata_frame = packb(self.metadata)
         self._ws_server: Any = None
         self._http_runner: web.AppRunner | None = None
+        self._http_server: asyncio.Server | None = None
         self.ws_port: int | None = None
         self.http_port: int | None = None
         self.ws_sessions = 0
@@ -146,16 +203,21 @@ class PolicyServer:
             self._ws_server = await serve(
                 self._ws_handler, c.host, c.port, process_request=self._ws_process_request, compression=None,
                 max_size=c.max_message_bytes, max_queue=4, ping_interval=c.ping_interval_s,
-                ping_timeout=c.ping_interval_s, open_timeout=HANDSHAKE_TIMEOUT_S, close_timeout=5.0,
+                ping_timeout=c.ping_interval_s, open_timeout=c.header_timeout_s, close_timeout=5.0,
                 logger=logging.getLogger("websockets.server"))
             self.ws_port = self._ws_server.sockets[0].getsockname()[1]
             if c.http_port is not None:
+                # Slow-header clients are dropped after header_timeout_s: the first request head of a
+                # connection by _HeadDeadline, later ones by aiohttp's keep-alive timer (which also
+                # closes a keep-alive connection idle that long; our client reconnects by itself).
                 self._http_runner = web.AppRunner(self._http_app(), access_log=None, handle_signals=False,
-                                                  shutdown_timeout=1.0)
+                                                  shutdown_timeout=1.0, keepalive_timeout=c.header_timeout_s)
                 await self._http_runner.setup()
-                site = web.TCPSite(self._http_runner, c.host, c.http_port, reuse_address=True)
-                await site.start()
-                self.http_port = self._http_runner.addresses[0][1]  # the bound port (0 -> chosen)
+                factory, loop = self._http_runner.server, asyncio.get_running_loop()
+                self._http_server = await loop.create_server(
+                    lambda: _HeadDeadline(factory(), c.header_timeout_s, loop), c.host, c.http_port,
+                    reuse_address=True)
+                self.http_port = self._http_server.sockets[0].getsockname()[1]  # the bound port (0 -> chosen)
         except BaseException:
             await self.stop()
             raise
@@ -165,9 +227,14 @@ class PolicyServer:
             self._ws_server.close()  # live sessions get close 1001 (going away)
             await self._ws_server.wait_closed()
             self._ws_server = None
+        if self._http_server is not None:
+            self._http_server.close()  # stop listening; the runner closes the live connections
         if self._http_runner is not None:
             await self._http_runner.cleanup()
             self._http_runner = None
+        if self._http_server is not None:
+            await self._http_server.wait_closed()
+            self._http_server = None
         await asyncio.to_thread(self.engine.stop)
 
     def describe(self) -> str:

@@ -3,7 +3,8 @@ over all views, on un-augmented frames, and training reads grids instead of runn
 
 On disk, beside the dataset (default ``<dataset>/teacher_cache/<teacher>/``)::
 
-    meta.json    teacher, weights, dim, grid (h, w), image_size, cameras, dtype, episode_lengths,
+    meta.json    teacher, weights, layer (VGGT block pair; null for a teacher without layers), dim,
+                 grid (h, w), image_size, cameras, dtype, episode_lengths,
                  "complete": true once every row is written (training refuses an incomplete store)
     feats.npy    [N, V, h, w, D] float16 (or float32)   N = all frames; row = episode start + t
     valid.npy    [N, V, h, w] bool                       the teacher's validity (padding, no depth)
@@ -67,12 +68,18 @@ class TeacherCache:
     def cameras(self) -> list[str]:
         return list(self.meta["cameras"])
 
-    def check(self, teacher: str, cameras: list[str], image_size: int, lengths: list[int]) -> None:
-        """Refuse a store that was built for another teacher, camera set, resolution or dataset."""
+    def check(self, teacher: str, cameras: list[str], image_size: int, lengths: list[int], layer: int = -1) -> None:
+        """Refuse a store that was built for another teacher, layer, camera set, resolution or dataset."""
         m = self.meta
         problems = []
         if m["teacher"] != teacher:
             problems.append(f"teacher {m['teacher']!r} (this run: {teacher!r})")
+        elif teacher == "vggt" and "layer" not in m:
+            raise ValueError(f"teacher cache {self.folder}: {META} does not record which VGGT layer it holds (built "
+                             f"by an older version); rebuild it with `sf cache-teacher --layer {layer}`, or, if it "
+                             f"was built with that layer, add \"layer\": {layer} to {self.folder / META}")
+        elif teacher == "vggt" and m["layer"] != layer:
+            problems.append(f"VGGT layer {m['layer']} (this run's --align-teacher-layer: {layer})")
         if m["cameras"] != list(cameras):
             problems.append(f"cameras {m['cameras']} (this run: {list(cameras)})")
         if m["image_size"] != image_size:
@@ -91,6 +98,15 @@ class TeacherCache:
                              f"asked for frame {t}")
         row = int(self.starts[episode]) + int(t)
         return np.array(self._feats[row]), np.array(self._valid[row])
+
+
+STORE_FILES = (META, "feats.npy", "valid.npy", "progress.json")
+
+
+def clear_store(folder: str | Path) -> None:
+    """Remove a store's files (`sf cache-teacher --overwrite`); other files in the folder stay."""
+    for name in STORE_FILES:
+        (Path(folder) / name).unlink(missing_ok=True)
 
 
 def _read_progress(folder: Path) -> int:
@@ -125,8 +141,9 @@ def build_cache(source: Any, teacher: Teacher, out: str | Path, *, teacher_name:
     frames = ChunkedDataset(source, cached_statistics(source), pipe, cameras=cameras)
     lengths = [source.episode_length(e) for e in range(source.num_episodes)]
     n = len(frames)  # one row per frame, in episode order (chunk_len 1, every frame)
-    settings = {"teacher": teacher_name, "weights": weights, "cameras": list(cameras), "image_size": image_size,
-                "dtype": dtype, "episode_lengths": lengths, "rows": n}
+    settings = {"teacher": teacher_name, "weights": weights, "layer": getattr(teacher, "layer", None),
+                "cameras": list(cameras), "image_size": image_size, "dtype": dtype, "episode_lengths": lengths,
+                "rows": n}
     meta_file = out / META
     start = 0
     if meta_file.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from spatial_forcing.errors import unpickling_reason
 
 WEIGHT_FILES = ("model.safetensors", "model.pt", "pytorch_model.bin")
 
@@ -38,7 +41,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:  # any unpickling failure means: not a state dict file
+    except pickle.UnpicklingError as exc:  # the weights-only unpickler refused something: never load it otherwise
+        raise ValueError(f"{path}: expected a state dict of tensors, found a pickle with other objects; it is not "
+                         f"loaded, because unpickling them could run code ({unpickling_reason(exc)})") from exc
+    except Exception as exc:  # any other unpickling failure means: not a state dict file
         raise ValueError(f"{path}: not a torch state dict file ({type(exc).__name__}: {str(exc)[:200]})") from exc
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict (a dict of name -> tensor), found a {type(obj).__name__}")
