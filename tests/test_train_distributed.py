@@ -86,5 +86,6 @@ def test_sf_train_command_under_torchrun(dataset, tmp_path):
     cfg.save(tmp_path / "cfg.json")
     out = torchrun("spatial_forcing.cli", "train", "--config", tmp_path / "cfg.json", "--quiet", module=True)
     assert out.count("trained 2 steps") == 1 and "2 process(es)" in out
+    assert "batch 2 per process x 1 accumulated x 2 process(es) = global batch 4" in out
     (step, folder), = list_checkpoints(cfg.output_dir)
     assert step == 2 and OFTPolicy.from_pretrained(folder / "policy").config.num_layers == 4

@@ -8,7 +8,12 @@ Formulas (OPENVLA_OFT.md §6), per dimension, with `lo, hi = q01, q99` (`bounds_
 - training only: dims with `min == max` become 0 after normalising (`zero_constant_dims`); upstream
   does not apply this rule to the proprio state at inference, and neither does `normalize`.
 
-Masked-out dims (`mask == False`, e.g. the LIBERO gripper) pass through untouched both ways.
+Masked-out dims (`mask == False`, e.g. the LIBERO gripper) pass through untouched both ways, with one
+exception: upstream's evaluation (`normalize_proprio` in `experiments/robot/openvla_utils.py`) clips
+after the `where`, `clip(where(mask, 2 (x - lo) / (hi - lo + 1e-8) - 1, x), -1, 1)`, so a masked-out
+proprio dim is clipped to [-1, 1] at inference while training passed it through. `normalize(...,
+clip_masked=True)` is that evaluation rule; OFT's processor uses it for the state (the released
+statistics have no proprio mask, so the two rules agree on them).
 
 Precision and types: everything is computed in float64 (statistics are float64 arrays). numpy inputs
 give float64 numpy results (upstream un-normalises actions in float64 numpy). torch inputs are
@@ -30,7 +35,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-NORM_TYPES = ("bounds_q99", "bounds")
+NORM_TYPES = ("bounds_q99", "bounds", "mean_std", "quantile")
+OPENPI_EPS = 1e-6  # openpi `transforms.Normalize` / `Unnormalize`: mean_std and quantile (no clipping)
 EPS = 1e-8  # added to (hi - lo) in both directions, as upstream
 STAT_FIELDS = ("mean", "std", "max", "min", "q01", "q99")  # upstream key order; "mask" follows
 STATS_FILE = "dataset_statistics.json"
@@ -246,19 +252,25 @@ def _where(cond, a, b):
 
 
 def normalize(x: ArrayLike, stats: ArrayStats, norm_type: str, mask: np.ndarray | None = None,
-              what: str = "input") -> ArrayLike:
-    """`where(mask, clip(2 (x - lo) / (hi - lo + 1e-8) - 1, -1, 1), x)` over the last dimension.
+              what: str = "input", clip_masked: bool = False) -> ArrayLike:
+    """`where(mask, clip(2 (x - lo) / (hi - lo + 1e-8) - 1, -1, 1), x)` over the last dimension (the
+    training rule); with `clip_masked`, `clip(where(mask, 2 (x - lo) / (hi - lo + 1e-8) - 1, x), -1, 1)`
+    (upstream's evaluation rule for the proprio state: masked-out dims are clipped too).
 
     `mask` overrides `stats.mask` (True = normalise). `what` names `x` in errors ("state", "action").
     """
+    if norm_type in OPENPI_NORMS:
+        return _openpi(x, stats, norm_type, mask, what, inverse=False)
     lo, hi = stats.bounds(norm_type)
     _check_last_dim(x, stats, what)
     m = _mask_for(stats, mask, what)
 
+    def clip(v):
+        return v.clamp(-1.0, 1.0) if isinstance(v, torch.Tensor) else np.clip(v, -1.0, 1.0)
+
     def fn(v, lo_, hi_, m_):
         scaled = 2.0 * (v - lo_) / (hi_ - lo_ + EPS) - 1.0
-        clipped = scaled.clamp(-1.0, 1.0) if isinstance(v, torch.Tensor) else np.clip(scaled, -1.0, 1.0)
-        return _where(m_, clipped, v)
+        return clip(_where(m_, scaled, v)) if clip_masked else _where(m_, clip(scaled), v)
 
     return _apply(x, fn, [lo, hi, m])
 
@@ -266,6 +278,8 @@ def normalize(x: ArrayLike, stats: ArrayStats, norm_type: str, mask: np.ndarray 
 def unnormalize(x: ArrayLike, stats: ArrayStats, norm_type: str, mask: np.ndarray | None = None,
                 what: str = "actions") -> ArrayLike:
     """`where(mask, 0.5 (x + 1) (hi - lo + 1e-8) + lo, x)` in float64, without clipping."""
+    if norm_type in OPENPI_NORMS:
+        return _openpi(x, stats, norm_type, mask, what, inverse=True)
     lo, hi = stats.bounds(norm_type)
     _check_last_dim(x, stats, what)
     m = _mask_for(stats, mask, what)
@@ -274,6 +288,31 @@ def unnormalize(x: ArrayLike, stats: ArrayStats, norm_type: str, mask: np.ndarra
         return _where(m_, 0.5 * (v + 1.0) * (hi_ - lo_ + EPS) + lo_, v)
 
     return _apply(x, fn, [lo, hi, m])
+
+
+OPENPI_NORMS = ("mean_std", "quantile")
+
+
+def _openpi(x: ArrayLike, stats: ArrayStats, norm_type: str, mask: np.ndarray | None, what: str,
+            inverse: bool) -> ArrayLike:
+    """openpi's rules (`transforms.py`), float64, never clipped, masked-out dims untouched:
+    `mean_std`: `(x - mean) / (std + 1e-6)` and `x (std + 1e-6) + mean` (π0);
+    `quantile`: `(x - q01) / (q99 - q01 + 1e-6) * 2 - 1` and its inverse (π0.5)."""
+    _check_last_dim(x, stats, what)
+    m = _mask_for(stats, mask, what)
+    lo, scale = ((stats.mean, stats.std + OPENPI_EPS) if norm_type == "mean_std"
+                 else (stats.q01, stats.q99 - stats.q01 + OPENPI_EPS))
+    quantile = norm_type == "quantile"
+
+    def fn(v, lo_, scale_, m_):
+        if inverse:
+            y = ((v + 1.0) / 2.0 if quantile else v) * scale_ + lo_
+        else:
+            y = (v - lo_) / scale_
+            y = y * 2.0 - 1.0 if quantile else y
+        return _where(m_, y, v)
+
+    return _apply(x, fn, [lo, scale, m])
 
 
 def zero_constant_dims(x_normalised: ArrayLike, stats: ArrayStats, what: str = "input") -> ArrayLike:

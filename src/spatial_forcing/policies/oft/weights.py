@@ -1,5 +1,6 @@
 """Checkpoints of OpenVLA-OFT: the upstream layouts (OPENVLA_OFT.md §7, §8) and this project's
-own format, with strict key accounting; LoRA through peft.
+own format, with strict key accounting; LoRA through peft (`lora.py`: upstream's targets, the fused
+vision qkv, `lora_adapter/` files).
 
 Upstream folder (OpenVLA base, OFT or Spatial-Forcing fine-tune):
     config.json (model_type "openvla"), model.safetensors.index.json + shards (or model.safetensors),
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .config import PLATFORMS, OFTConfig
+from .lora import lora_targets, tie_fused_qkv
 from .model import OFTModel
 
 DINO = "vision_backbone.featurizer."
@@ -333,16 +335,16 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> OFTModel:
 # -------------------------------------------------------------------------------- LoRA
 def apply_lora(model: OFTModel, r: int = 32, alpha: int | None = None, dropout: float = 0.0,
                init: str = "gaussian"):
-    """Wrap every Linear of the vision backbone, projector and LLM with LoRA (peft), as the OFT
-    recipe (`all-linear`, alpha = min(r, 16)); the heads stay fully trainable. Returns the peft model."""
+    """LoRA as the published recipe (`all-linear`, alpha = min(r, 16), gaussian init; `lora.py`): peft on
+    every Linear of the vision backbone, projector and LLM and on the two patch-embedding convolutions,
+    with q, k and v of each vision block sharing one A (upstream's fused `attn.qkv` adapter). The heads
+    (and FiLM) stay fully trainable. Returns the peft model."""
     from peft import LoraConfig, get_peft_model
 
-    targets = sorted({name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
-                      and name.startswith(("vision_backbone.", "projector.", "language_model."))
-                      and ".film." not in name})
     lora = LoraConfig(r=r, lora_alpha=min(r, 16) if alpha is None else alpha, lora_dropout=dropout,
-                      target_modules=targets, init_lora_weights=init)
+                      target_modules=lora_targets(model), init_lora_weights=init)
     peft_model = get_peft_model(model, lora)
+    tie_fused_qkv(peft_model.get_base_model())
     for module in (model.action_head, model.proprio_projector, model.noisy_action_projector, model.vision_backbone.film):
         if module is not None:
             module.requires_grad_(True)
