@@ -282,3 +282,56 @@ def test_errors_name_the_argument():
         GeometryConfig(patch_size=0)
     with pytest.raises(ValueError, match="min_valid_fraction"):
         GeometryConfig(min_valid_fraction=1.5)
+
+
+# ---------------------------------------------------------------- sf teacher-features at any size (issue 21)
+def _frame_files(tmp_path, side=256):
+    """A 256-px view of a fronto-parallel plane at 1.5 m with a box at 0.8 m, like a LIBERO frame."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    depth = np.full((side, side), 1.5, np.float32)
+    depth[100:160, 60:140] = 0.8
+    k = [[220.0, 0.0, side / 2 - 0.5], [0.0, 220.0, side / 2 - 0.5], [0.0, 0.0, 1.0]]
+    Image.fromarray(np.full((side, side, 3), 90, np.uint8)).save(tmp_path / "view.png")
+    np.save(tmp_path / "depth.npy", depth)
+    (tmp_path / "K.json").write_text(json.dumps(k))
+    return ["--images", tmp_path / "view.png", "--depth", tmp_path / "depth.npy", "--intrinsics", tmp_path / "K.json"]
+
+
+@pytest.mark.parametrize("fit, grid, valid", [([], 18, 18 * 18), (["--image-size", "224"], 16, 256),
+                                              (["--fit", "pad"], 19, 18 * 18)])
+def test_teacher_features_take_a_256_px_frame(tmp_path, capsys, fit, grid, valid):
+    from spatial_forcing.cli import main
+    from spatial_forcing.teachers.io import load_grid
+
+    files = _frame_files(tmp_path)
+    out = tmp_path / "f.safetensors"
+    assert main(["teacher-features", "--teacher", "geometry", *map(str, files), *fit, "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert "fit " in capsys.readouterr().out
+    g = load_grid(out)
+    assert g.feats.shape == (1, 1, grid, grid, 51) and int(g.valid.sum()) == valid
+    if fit == ["--fit", "pad"]:  # the last row and column hold padding: invalid, zero features
+        assert not g.valid[0, 0, -1].any() and not g.valid[0, 0, :, -1].any() and g.valid[0, 0, :-1, :-1].all()
+        assert float(g.feats[0, 0, -1].abs().max()) == 0.0
+
+
+def test_fit_to_patches_keeps_the_camera():
+    """Resizing rescales K with pixel centres at +0.5: the image edges back-project to the same rays."""
+    from spatial_forcing.teachers.io import fit_to_patches
+
+    k = torch.tensor([[[[220.0, 0.0, 127.5], [0.0, 230.0, 120.0], [0.0, 0.0, 1.0]]]])
+    images, depth = torch.zeros(1, 1, 3, 256, 256), torch.rand(1, 1, 256, 256) + 0.5
+    _, d2, k2, pad, _ = fit_to_patches(images, depth, k, 14)
+    assert d2.shape[-2:] == (252, 252) and pad is None
+    assert set(d2.unique().tolist()) <= set(depth.unique().tolist())  # nearest: no interpolated depths
+    for side_old, side_new in ((-0.5, -0.5), (255.5, 251.5)):
+        for axis in (0, 1):  # x: fx, cx; y: fy, cy
+            ray_old = (side_old - k[0, 0, axis, 2]) / k[0, 0, axis, axis]
+            ray_new = (side_new - k2[0, 0, axis, 2]) / k2[0, 0, axis, axis]
+            assert abs(float(ray_old - ray_new)) < 1e-6
+    _, d3, k3, pad, _ = fit_to_patches(images, depth, k, 14, mode="pad")
+    assert d3.shape[-2:] == (266, 266) and torch.equal(k3, k) and int(pad.sum()) == 256 * 256

@@ -21,6 +21,7 @@ from spatial_forcing.data.lerobot import (  # noqa: E402
     canonical_features,
     compute_stats,
 )
+from spatial_forcing.data.lerobot.depth import DepthQuantizer  # noqa: E402
 from spatial_forcing.data.schema import EpisodeSource  # noqa: E402
 
 CAMS = {"agentview": (64, 64), "wrist": (64, 64)}
@@ -116,9 +117,15 @@ def _check_common(src: LeRobotEpisodeSource, episodes) -> None:
         for key in ("observation.state", "action"):
             assert arrays[key].dtype == np.float32
             np.testing.assert_array_equal(arrays[key], np.stack([f[key] for f in frames]))
+        video_depth = src.features["observation.depth.agentview"].get("stored_as") == "video"
         for t, want in enumerate(frames):
             got = src.frame(e, t, ["observation.depth.agentview", "task"])
-            np.testing.assert_array_equal(got["observation.depth.agentview"], want["observation.depth.agentview"])
+            depth, source = got["observation.depth.agentview"], want["observation.depth.agentview"]
+            assert depth.dtype == np.float32 and depth.shape == source.shape
+            if video_depth:  # LeRobot's 12-bit depth video: within half a quantisation step
+                assert (np.abs(depth - source) <= DepthQuantizer().max_error(source)).all()
+            else:
+                np.testing.assert_array_equal(depth, source)
             assert got["task"] == TASKS[e]
 
 
@@ -156,7 +163,7 @@ def test_png_round_trip_is_exact(png_ds, episodes):
 
 
 def test_float16_depth_within_tolerance(tmp_path, episodes):
-    root = _write(tmp_path / "ds", episodes, _features(video=False, depth_dtype="float16"), video=False)
+    root = _write(tmp_path / "ds", episodes, _features(video=False, depth_format="float16"), video=False)
     src = LeRobotEpisodeSource(root)
     assert src.info["features"]["observation.depth.agentview"]["dtype"] == "float16"
     for e, frames in enumerate(episodes):
@@ -183,7 +190,11 @@ def test_stats_equal_numpy(video_ds, episodes):
     for name, q in (("q01", 0.01), ("q50", 0.5), ("q99", 0.99)):
         np.testing.assert_allclose(np.asarray(img[name]).ravel(), np.quantile(pixels, q, axis=0), rtol=1e-12)
     np.testing.assert_allclose(np.asarray(img["mean"]).ravel(), pixels.mean(0), rtol=1e-12)
-    assert np.asarray(stats["observation.depth.agentview"]["mean"]).shape == (64,)
+    depth = stats["observation.images.agentview_depth"]  # LeRobot's depth video: per channel, metres
+    values = _stack(episodes, "observation.depth.agentview").astype(np.float64)
+    assert np.asarray(depth["mean"]).shape == (1, 1, 1) and depth["count"] == [12]
+    np.testing.assert_allclose(np.ravel(depth["mean"]), values.mean(), rtol=1e-9)
+    np.testing.assert_allclose(np.ravel(depth["max"]), values.max())
     src = LeRobotEpisodeSource(video_ds)
     np.testing.assert_allclose(src.stats["observation.state"]["q99"], stats["observation.state"]["q99"])
 
@@ -239,9 +250,10 @@ def test_layout_matches_spec(video_ds):
 
 def test_file_rollover(tmp_path, episodes):
     root = _write(tmp_path / "ds", episodes, _features(), chunks_size=2,
-                  data_files_size_in_mb=0.01, video_files_size_in_mb=0.001)
+                  data_files_size_in_mb=0.001, video_files_size_in_mb=0.001)
     assert (root / "data/chunk-000/file-001.parquet").is_file()
     assert (root / "videos/observation.images.agentview/chunk-000/file-001.mp4").is_file()
+    assert (root / "videos/observation.images.agentview_depth/chunk-000/file-001.mp4").is_file()
     src = LeRobotEpisodeSource(root)
     _check_common(src, episodes)
     got = src.frame(1, 3, ["observation.images.agentview"])["observation.images.agentview"]

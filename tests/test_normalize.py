@@ -114,7 +114,7 @@ def test_bounds_uses_min_max_and_q99_uses_quantiles(spatial):
     assert b[0] == pytest.approx(2 * (0.5 + 0.9375) / 1.875 - 1, abs=1e-8)
     assert not np.allclose(q[:6], b[:6])
     with pytest.raises(ValueError, match="norm_type must be one of"):
-        normalize(x, spatial.action, "mean_std")
+        normalize(x, spatial.action, "zscore")
 
 
 def test_mask_override_and_all_true_without_mask(spatial):

@@ -43,7 +43,7 @@ from spatial_forcing.serve.engine import InferenceEngine, PolicyError
 from spatial_forcing.serve.libero import libero_request, resize_with_pad
 from spatial_forcing.serve.obsmap import (PRESETS, InputSpec, ObservationMap, RequestError, observation_map,
                                           to_policy_observation)
-from spatial_forcing.serve.server import ServeConfig, ServerThread, load_policy
+from spatial_forcing.serve.server import PolicyServer, ServeConfig, ServerThread, load_policy
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MAX_MESSAGE = 2 << 20  # 2 MiB: comfortably above one 224 px LIBERO request, small enough to send over the limit
@@ -293,6 +293,45 @@ def test_openpi_protocol_answers_like_a_direct_call(server, reference):
         assert codec.unpackb(ws.recv(timeout=30))["action_horizon"] == 8
         assert np.array_equal(codec.unpackb(ws.recv(timeout=30))["actions"], expected(reference, 1))
         assert np.array_equal(codec.unpackb(ws.recv(timeout=30))["actions"], expected(reference, 2))
+
+
+def _strings(obj) -> list[str]:
+    if isinstance(obj, dict):
+        return [s for k, v in obj.items() for s in (str(k), *_strings(v))]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in _strings(v)]
+    return [obj] if isinstance(obj, str) else []
+
+
+def test_metadata_names_the_policy_and_its_contract_never_a_path(policy_dir, reference, tmp_path):
+    """Issue 21: clients see the policy's name, content id, family and its observation and action contract;
+    no path of the server's reaches them (the policy was given as a local folder)."""
+    config = ServeConfig(host="127.0.0.1", port=0, http_port=0)
+    meta = PolicyServer(reference, config, name=str(policy_dir)).metadata
+    frame = codec.packb(meta)
+    for fragment in (str(policy_dir), str(policy_dir.parent), str(Path.home()), "/tmp"):
+        assert fragment.encode() not in frame, fragment
+    assert not [s for s in _strings(meta) if "/" in s and not s.startswith("observation/")], _strings(meta)
+    assert re.fullmatch(r"oft-[0-9a-f]{12}", meta["policy"]) and meta["policy"] == f"oft-{meta['policy_id']}"
+    assert meta["family"] == "oft"
+    assert meta["observation"] == {
+        "num_images": 2, "image_keys": ["observation/image", "observation/wrist_image"], "image_size": 112,
+        "images": "uint8 [H, W, 3] (or [3, H, W]); float [0, 1] where float_images", "float_images": True,
+        "center_crop": meta["center_crop"], "image_ops": "oft", "state_key": "observation/state", "state_dim": 8,
+        "prompt_key": "prompt", "max_prompt_chars": 2000}
+    assert meta["action"] == {"horizon": 8, "dim": 7, "dtype": "float64", "convention": "oft",
+                              "normalization": "bounds_q99", "unnorm_key": "toy_no_noops", "replan_steps": 0}
+    # the flat keys `sf eval --policy-server` reads are still there
+    assert (meta["action_horizon"], meta["action_dim"], meta["num_images"], meta["image_size"]) == (8, 7, 2, 112)
+    # the id is the content's: a copy elsewhere has it; a chosen public name replaces the default
+    import shutil
+
+    copy = shutil.copytree(policy_dir, tmp_path / "elsewhere" / "copy")
+    assert PolicyServer(reference, config, name=str(copy)).metadata["policy_id"] == meta["policy_id"]
+    named = PolicyServer(reference, config, name=str(copy), public_name="lab/sf-libero").metadata
+    assert named["policy"] == "lab/sf-libero" and str(copy).encode() not in codec.packb(named)
+    hub = PolicyServer(reference, config, name="haofuly/spatial-forcing-7b").metadata
+    assert hub["policy"] == "haofuly/spatial-forcing-7b" and "policy_id" not in hub
 
 
 def test_openvla_http_plain_and_double_encoded(server, reference):

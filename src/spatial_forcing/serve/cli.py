@@ -45,6 +45,8 @@ def add_serve_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--max-connections", type=POSITIVE, default=64,
                    help="live websocket sessions (and HTTP requests in flight); more are refused with 503")
     p.add_argument("--max-prompt-chars", type=POSITIVE, default=2000)
+    p.add_argument("--policy-name", help="the name clients see in the metadata frame (default: the hub id, or for a "
+                                         "local checkpoint its family and content id; a server path is never sent)")
     p.add_argument("--unnorm-key", help="dataset statistics entry that un-normalises actions (default: the only one)")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -78,6 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import ServeConfig, load_policy, run_server
 
     observation_map(args.obs_map), observation_map(args.http_obs_map)  # refuse a bad map before loading
+    if args.policy_name is not None and not args.policy_name.strip():
+        raise UserError(f"--policy-name: expected a non-empty name, found {args.policy_name!r}")
     config = ServeConfig(host=args.host, port=args.port, http_port=None if args.no_http else args.http_port,
                          secret=resolve_secret(args), obs_map=args.obs_map, http_obs_map=args.http_obs_map,
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
@@ -93,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for noisy in ("websockets", "aiohttp"):  # one line per connection otherwise
             logging.getLogger(noisy).setLevel(max(logging.WARNING, level))
         return run_server(policy, config, name=str(args.policy), warmup=not args.no_warmup,
-                          out=lambda line: print(line, flush=True))
+                          out=lambda line: print(line, flush=True), public_name=args.policy_name)
     except KeyboardInterrupt:  # Ctrl-C before serving started (while loading or warming up)
         print("interrupted before serving started", flush=True)
         return 130

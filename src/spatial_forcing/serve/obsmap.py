@@ -50,8 +50,12 @@ class InputSpec:
 
     @classmethod
     def of(cls, policy: Any, max_prompt_chars: int = 2000) -> "InputSpec":
-        """Read the spec from a policy's config (`num_images`, `use_proprio`, `proprio_dim`, `chunk_len`,
-        `action_dim`, as every OFT config has)."""
+        """Read the spec from a policy's `PolicySpec` (every registered family has one), else from its config
+        (`num_images`, `use_proprio`, `proprio_dim`, `chunk_len`, `action_dim`, as every OFT config has)."""
+        spec = getattr(policy, "spec", None)
+        if spec is not None and hasattr(spec, "state_dim") and hasattr(spec, "chunk_len"):
+            return cls(int(spec.num_images), int(spec.state_dim) or None, int(spec.chunk_len), int(spec.action_dim),
+                       int(max_prompt_chars))
         cfg = getattr(policy, "config", None)
         try:
             return cls(int(cfg.num_images), int(cfg.proprio_dim) if cfg.use_proprio else None, int(cfg.chunk_len),

@@ -10,7 +10,9 @@ Websocket port (SERVING.md 1): `websockets` (the library openpi uses on both end
   model runs (4.8).
 - Handshake: with a secret, `Authorization: Api-Key <secret>` (what `openpi-client` sends; `Bearer` is
   accepted too) or HTTP 401; above `max_connections` live sessions, HTTP 503 (4.10).
-- Frame 0 is the msgpack metadata map; then one binary observation in, one binary response out:
+- Frame 0 is the msgpack metadata map (`server_metadata`: the policy's public name and content id, its
+  family, and its observation and action contract; never a path of the server's); then one binary
+  observation in, one binary response out:
   `{"actions": float64 [K, A], "policy_timing": {"infer_ms"}, "server_timing": {"infer_ms",
   "prev_total_ms"}}` (1.3, 1.5). `server_timing.infer_ms` runs from receiving the frame to the result.
 - A bad request gets the openpi error reply: a text frame with a short message, then close 1011, for
@@ -36,6 +38,7 @@ that runs in the same loop as the websocket server, at a fraction of FastAPI + u
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -45,6 +48,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -161,9 +165,13 @@ def _json_error(status: int, message: str) -> web.Response:
 
 
 class PolicyServer:
-    def __init__(self, policy: Any, config: ServeConfig | None = None, name: str = "policy") -> None:
+    """`name`: how the policy was given (a checkpoint folder, a hub id, or a label); the server's own lines
+    show it, clients get `public_name` (never a local path) and `policy_id` (`server_metadata`)."""
+
+    def __init__(self, policy: Any, config: ServeConfig | None = None, name: str = "policy",
+                 public_name: str | None = None) -> None:
         self.config = config = config or ServeConfig()
-        self.name = name
+        self.name = str(name)
         self.spec = InputSpec.of(policy, config.max_prompt_chars)
         self.ws_map = observation_map(config.obs_map)
         self.http_map = observation_map(config.http_obs_map)
@@ -172,10 +180,7 @@ class PolicyServer:
         self.policy = policy
         self.engine = InferenceEngine(policy, config.max_batch, config.batch_wait_ms / 1e3,
                                       (self.spec.action_horizon, self.spec.action_dim))
-        self.metadata = {"server": "spatial-forcing", "version": __version__, "policy": name,
-                         "action_horizon": self.spec.action_horizon, "action_dim": self.spec.action_dim,
-                         "num_images": self.spec.num_images, "state_dim": self.spec.state_dim,
-                         "observation_map": self.ws_map.to_dict(), **policy_facts(policy)}
+        self.metadata = server_metadata(policy, self.spec, self.ws_map, self.name, public_name)
         self._metadata_frame = packb(self.metadata)
         self._ws_server: Any = None
         self._http_runner: web.AppRunner | None = None
@@ -399,6 +404,73 @@ class PolicyServer:
         return web.Response(text=json.dumps(text) if double else text, content_type="application/json")
 
 
+# ====================================================================== metadata
+def checkpoint_id(folder: str | Path) -> str | None:
+    """A short content id of a checkpoint folder (None if it is not one): SHA-256 over its config.json and
+    statistics, and each weight file's name, size and first and last MiB. A copy of the checkpoint, on
+    any machine, has the same id; a retrained or re-saved one another (modification times are not used)."""
+    folder = Path(folder).expanduser()
+    if not (folder / "config.json").is_file():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if not f.is_file():
+            continue
+        if f.suffix == ".json":
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        elif f.suffix in (".safetensors", ".pt", ".bin"):
+            size = f.stat().st_size
+            h.update(f"{f.name}\0{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+def _looks_local(name: str) -> bool:
+    """Whether `name` names something on this machine (a path) rather than a hub id (`owner/name`) or a label."""
+    return (Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+            or "\\" in name)
+
+
+def public_policy_name(name: str, family: str | None, policy_id: str | None) -> str:
+    """What clients see as the policy's name: `name` when it is a hub id (`owner/name`) or a plain label;
+    for a local checkpoint (any path) the family and content id instead, so no server path leaves it."""
+    if not _looks_local(name):
+        return name
+    return "-".join(p for p in (family or "policy", policy_id) if p)
+
+
+def server_metadata(policy: Any, spec: InputSpec, obs_map: Any, name: str = "policy",
+                    public_name: str | None = None) -> dict[str, Any]:
+    """The openpi metadata frame (docs/serving.md lists the fields). The flat keys are the ones `sf eval
+    --policy-server` and earlier clients read; `observation` and `action` group the same contract with the
+    rest of it. Nothing in it is a path of the server's."""
+    pspec = getattr(policy, "spec", None)
+    family = getattr(pspec, "family", None) or getattr(policy, "family", None) or None
+    policy_id = checkpoint_id(name) if _looks_local(name) else None
+    facts = policy_facts(policy)
+    omap = obs_map.to_dict()
+    observation = {"num_images": spec.num_images, "image_keys": list(omap["images"]),
+                   "extra_image_keys": omap.get("extra_images"), "image_size": facts.get("image_size"),
+                   "images": "uint8 [H, W, 3] (or [3, H, W]); float [0, 1] where float_images",
+                   "float_images": omap.get("float_images"), "center_crop": facts.get("center_crop"),
+                   "image_ops": getattr(pspec, "image_ops", None), "state_key": omap.get("state"),
+                   "state_dim": spec.state_dim, "prompt_key": omap["prompt"], "max_prompt_chars": spec.max_prompt_chars}
+    action = {"horizon": spec.action_horizon, "dim": spec.action_dim, "dtype": "float64",
+              "convention": facts.get("action_convention"), "normalization": getattr(pspec, "norm_type", None),
+              "unnorm_key": facts.get("unnorm_key"), "replan_steps": getattr(pspec, "replan_steps", None)}
+    meta = {"server": "spatial-forcing", "version": __version__,
+            "policy": public_name or public_policy_name(name, family, policy_id), "policy_id": policy_id,
+            "family": family,
+            "action_horizon": spec.action_horizon, "action_dim": spec.action_dim, "num_images": spec.num_images,
+            "state_dim": spec.state_dim, "observation_map": omap, **facts,
+            "observation": {k: v for k, v in observation.items() if v is not None},
+            "action": {k: v for k, v in action.items() if v is not None}}
+    return {k: v for k, v in meta.items() if v is not None or k == "state_dim"}
+
+
 # ====================================================================== running it
 def policy_facts(policy: Any) -> dict[str, Any]:
     """What a client needs beyond the input spec to feed the policy like a local caller: its image side,
@@ -412,11 +484,12 @@ def policy_facts(policy: Any) -> dict[str, Any]:
 
 
 def load_policy(path_or_id: str, unnorm_key: str | None = None, device: str = "auto", dtype: str = "auto"):
-    """`OFTPolicy.from_pretrained` in eval mode on `device` ("auto": CUDA if present) in `dtype`
+    """A checkpoint of any registered family (`policies/registry.load_policy`) in eval mode on `device`
+    ("auto": CUDA if present) in `dtype`
     ("auto": bfloat16 on CUDA, float32 on CPU)."""
     import torch
 
-    from ..policies.oft.policy import OFTPolicy
+    from ..policies.registry import load_policy
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -426,7 +499,7 @@ def load_policy(path_or_id: str, unnorm_key: str | None = None, device: str = "a
     if dtype != "auto" and dtype not in dtypes:
         raise ValueError(f"--dtype: expected auto or one of {sorted(dtypes)}, found {dtype!r}")
     dt = dtypes[dtype] if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    return OFTPolicy.from_pretrained(path_or_id, unnorm_key=unnorm_key, dtype=dt, device=dev).eval()
+    return load_policy(path_or_id, unnorm_key=unnorm_key, dtype=dt, device=dev).eval()
 
 
 class ServerThread:
@@ -484,9 +557,9 @@ class ServerThread:
 
 
 def run_server(policy: Any, config: ServeConfig, name: str = "policy", warmup: bool = True,
-               out: Callable[[str], None] = print) -> int:
+               out: Callable[[str], None] = print, public_name: str | None = None) -> int:
     """Serve until SIGINT/SIGTERM (Ctrl-C), then close every connection and the worker; returns 0."""
-    server = PolicyServer(policy, config, name)
+    server = PolicyServer(policy, config, name, public_name)
     if warmup:
         out(f"warm-up inference: {server.warmup():.0f} ms")
 

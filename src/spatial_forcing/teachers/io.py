@@ -88,3 +88,64 @@ def load_grid(path: str | Path) -> TeacherGrid:
     if missing:
         raise ValueError(f"{path}: not a teacher feature file, missing tensors {sorted(missing)}")
     return TeacherGrid(feats=tensors["feats"], valid=tensors["valid"])
+
+
+def fit_to_patches(images: torch.Tensor, depth: torch.Tensor, intrinsics: torch.Tensor, patch: int,
+                   mode: str = "resize", size: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, str]:
+    """Bring views of any size `[B,V,*,H,W]` onto a grid of `patch`-pixel patches for the geometry teacher.
+
+    * ``"resize"`` (what training does: the pipeline resizes every frame to the student's side and the
+      teacher tiles it with `side / grid`-pixel patches): to `size x size`, or, without `size`, each side
+      to its nearest multiple of `patch` (256 -> 252 at 14). Depth is resampled by nearest sampling (as
+      `data/dataset.py`'s `resize_nearest`: depths are never interpolated across edges), intrinsics are
+      rescaled with pixel centres at +0.5 (as its `resize_intrinsics`), images bilinearly (the geometry
+      teacher does not read colours).
+    * ``"pad"``: the bottom and right are padded to the next multiple of `patch` (256 -> 266 at 14), with
+      white images, zero depth and `pad_mask` False; intrinsics are unchanged (the origin stays). The
+      caller marks every patch that holds padding invalid.
+
+    Returns (images, depth, intrinsics, pad_mask or None, a one-line description of what was done).
+    """
+    if mode not in ("resize", "pad"):
+        raise ValueError(f"fit mode: expected 'resize' or 'pad', found {mode!r}")
+    h, w = images.shape[-2:]
+    if mode == "pad":
+        if size is not None:
+            raise ValueError("--image-size: has no effect with --fit pad (padding keeps the pixels); drop one")
+        nh, nw = -(-h // patch) * patch, -(-w // patch) * patch
+        if (nh, nw) == (h, w):
+            return images, depth, intrinsics, None, f"{w}x{h}: already {w // patch}x{h // patch} patches of {patch}"
+        pad = (0, nw - w, 0, nh - h)
+        images = torch.nn.functional.pad(images, pad, value=1.0)
+        depth = torch.nn.functional.pad(depth, pad, value=0.0)
+        mask = torch.nn.functional.pad(torch.ones(depth.shape[:2] + (h, w), dtype=torch.bool), pad, value=False)
+        return images, depth, intrinsics, mask, (f"{w}x{h} padded to {nw}x{nh} (bottom/right, white, zero depth): "
+                                                 f"{nw // patch}x{nh // patch} patches of {patch}, those holding "
+                                                 f"padding invalid")
+    if size is not None:
+        if size < patch or size % patch:
+            raise ValueError(f"--image-size {size}: expected a multiple of --patch-size {patch} (e.g. "
+                             f"{max(patch, round(size / patch) * patch)})")
+        nh = nw = size
+    else:
+        nh, nw = max(patch, round(h / patch) * patch), max(patch, round(w / patch) * patch)
+    if (nh, nw) == (h, w):
+        return images, depth, intrinsics, None, f"{w}x{h}: already {w // patch}x{h // patch} patches of {patch}"
+    b, v = images.shape[:2]
+    images = torch.nn.functional.interpolate(images.flatten(0, 1), size=(nh, nw), mode="bilinear",
+                                             align_corners=False, antialias=True).view(b, v, 3, nh, nw)
+    depth = torch.nn.functional.interpolate(depth.flatten(0, 1)[:, None], size=(nh, nw), mode="nearest").view(b, v, nh, nw)
+    k = intrinsics.clone()
+    sx, sy = nw / w, nh / h
+    k[..., 0, 0], k[..., 0, 1], k[..., 1, 1] = intrinsics[..., 0, 0] * sx, intrinsics[..., 0, 1] * sx, intrinsics[..., 1, 1] * sy
+    k[..., 0, 2] = (intrinsics[..., 0, 2] + 0.5) * sx - 0.5
+    k[..., 1, 2] = (intrinsics[..., 1, 2] + 0.5) * sy - 0.5
+    return images, depth, k, None, (f"{w}x{h} resized to {nw}x{nh} (depth nearest, intrinsics rescaled): "
+                                    f"{nw // patch}x{nh // patch} patches of {patch}")
+
+
+def patches_without_padding(pad_mask: torch.Tensor, patch: int) -> torch.Tensor:
+    """`[B,V,H,W]` real-pixel mask -> `[B,V,H/p,W/p]`: True where a patch holds no padding at all."""
+    b, v, h, w = pad_mask.shape
+    return pad_mask.view(b, v, h // patch, patch, w // patch, patch).all(dim=5).all(dim=3)

@@ -1,18 +1,42 @@
 """Run logs: TensorBoard (default, embedded, no account), Weights & Biases when asked, or none; and
 always `<output_dir>/metrics.jsonl` (one JSON object per logged step, appended: a resumed run
 continues the file, and where a step repeats after a crash the later line wins), the plain record
-that reports and scripts read."""
+that reports and scripts read.
+
+Names (`resolve_names`): each comes from its option, else from the environment variable W&B itself
+reads, else from a default. The run name (`--run-name`, `WANDB_NAME`, the output folder's name) is the
+W&B run's name and TensorBoard's: events go to `<output_dir>/tensorboard/<run name>/`, which TensorBoard
+lists under that name. The W&B project (`--wandb-project`, `WANDB_PROJECT`, "spatial-forcing"), entity
+(`--wandb-entity`, `WANDB_ENTITY`, the account's default), group (`--wandb-group`, `WANDB_RUN_GROUP`) and
+tags (`--wandb-tags`, `WANDB_TAGS` comma-separated) follow the same rule. The W&B run id is the training
+run's id, so a resumed training continues its W&B run."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+DEFAULT_PROJECT = "spatial-forcing"
+
+
+def resolve_names(config: Any, environ: Any = None) -> dict[str, Any]:
+    """The run's logging names: option, else environment variable, else default (module docstring)."""
+    env = os.environ if environ is None else environ
+    tags = list(config.wandb_tags) or [t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()]
+    return {"name": config.run_name or env.get("WANDB_NAME") or Path(config.output_dir).resolve().name,
+            "project": config.wandb_project or env.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+            "entity": config.wandb_entity or env.get("WANDB_ENTITY") or None,
+            "group": config.wandb_group or env.get("WANDB_RUN_GROUP") or None,
+            "tags": tags or None}
+
 
 class RunLogger:
-    def __init__(self, config: Any, enabled: str = "tensorboard", jsonl: bool = True) -> None:
+    def __init__(self, config: Any, enabled: str = "tensorboard", jsonl: bool = True,
+                 run_id: str | None = None) -> None:
         self.kind = enabled
+        self.names = resolve_names(config)
         self._tb = self._wandb = self._jsonl = None
         if jsonl:
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
@@ -20,7 +44,7 @@ class RunLogger:
         if enabled == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(config.output_dir) / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(Path(config.output_dir) / "tensorboard" / _folder(self.names["name"])))
             self._tb.add_text("config", "```\n" + "\n".join(f"{k}: {v}" for k, v in config.to_dict().items()) + "\n```")
         elif enabled == "wandb":
             try:
@@ -28,8 +52,10 @@ class RunLogger:
             except ImportError as e:  # optional: only when asked for
                 raise ImportError("logger 'wandb' needs the wandb package (pip install wandb)") from e
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-            self._wandb = wandb.init(project="spatial-forcing", name=Path(config.output_dir).name, dir=config.output_dir,
-                                     config=config.to_dict())
+            n = self.names
+            self._wandb = wandb.init(project=n["project"], entity=n["entity"], name=n["name"], group=n["group"],
+                                     tags=n["tags"], id=run_id, resume="allow" if run_id else None,
+                                     dir=config.output_dir, config=config.to_dict())
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self._jsonl is not None:
@@ -47,4 +73,16 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            # finish() only tells W&B's service process the run is over; the service writes the run's last
+            # records (offline: the run-*.wandb file) when it closes the stream, which teardown waits for.
+            # Without it the file could still hold only its header when training returns (~1 run in 3).
+            wandb.teardown()
+
+
+def _folder(name: str) -> str:
+    """A run name as one folder name (TensorBoard shows it as the run)."""
+    safe = "".join(c if c.isalnum() or c in "-_.=+@" else "_" for c in name).strip(".")
+    return safe or "run"
