@@ -1,9 +1,13 @@
 #!/usr/bin/env python
 """Benchmark of `sf train`.
 
-CPU (default): the `quickstart` preset (mini student, geometry teacher, 2 data workers) on locally
-collected LIBERO data: samples/s of the whole loop (loading, augmentation, step), and the ratio of
-the step time with SF to without, on the same pre-fetched batches, interleaved (target <= 1.10).
+CPU (default), on locally collected LIBERO-Object data with the geometry teacher, in one run:
+- samples/s of the whole loop (batches + step) for the quickstart setting before this change (OFT
+  `mini`, per-sample decode in 2 worker processes, batch 8) and now (the compact CNN, frames decoded
+  once into memory and augmented a batch at a time, batch 32), and their ratio (target >= 150 samples/s);
+- FLOPs per sample (torch's FlopCounterMode) against what the cores deliver (a large matmul and a
+  convolution, measured here), and where a step's time goes (batch, teacher, forward+backward, optimiser);
+- the ratio of the step time with SF to without, on the same batches, interleaved (target <= 1.10).
 
 Models (`--models`, default on CUDA): the training step of the published recipe's shapes — OpenVLA-7B
 architecture + VGGT-1B, random weights, LoRA r=32 (frozen base in bf16, bf16 autocast), batch 8,
@@ -17,6 +21,8 @@ on the CPU (for checking the benchmark itself).
 
     PYTHONPATH=src python benchmarks/train.py                    # CPU: quickstart
     PYTHONPATH=src python benchmarks/train.py --models           # GPU: (a) (b) (c)
+    PYTHONPATH=src python benchmarks/train.py --policy pi0-mini  # CPU: π0-mini samples/s (pi0_bench.py)
+    PYTHONPATH=src python benchmarks/train.py --models --policy pi0 --grad-checkpointing --batch 4   # GPU: π0
 """
 
 from __future__ import annotations
@@ -48,31 +54,124 @@ def quickstart_data(path: str | None, episodes: int) -> str:
     from spatial_forcing.cli import main as sf_main
 
     out = Path(tempfile.mkdtemp(prefix="sf_bench_")) / "libero_expert"
-    code = sf_main(["collect", "libero", "--suite", "libero_object", "--tasks", "0,1", "--episodes",
-                    str(episodes // 2), "--out", str(out), "--jobs", "2"])
+    code = sf_main(["collect", "libero", "--suite", "libero_object", "--tasks", "0", "--episodes",
+                    str(episodes), "--out", str(out), "--jobs", "2"])
     if code:
         raise SystemExit("collecting the quickstart data failed")
     return str(out)
 
 
+# The quickstart's training setting before this benchmark's change (OFT `mini`, per-sample decode in 2
+# worker processes, batch 8), and now (the compact CNN, frames in memory, batch 32).
+BEFORE = dict(policy="mini", batch_size=8, data_mode="stream", num_workers=2,
+              align={"student_layer": 2, "use_pos_embed": False, "coeff": 0.5})
+AFTER: dict = {}
+
+
+def loop_throughput(trainer: Trainer, steps: int, warmup: int) -> dict:
+    """samples/s of the whole loop (batches from the trainer's own loader + the step) after a warm-up."""
+    loader = iter(trainer._make_loader(0))
+    for _ in range(warmup):
+        trainer.train_step([next(loader)])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step([next(loader)])
+    seconds = time.perf_counter() - t0
+    del loader
+    return {"steps": steps, "batch_size": trainer.cfg.batch_size, "seconds": round(seconds, 2),
+            "samples_per_s": round(steps * trainer.cfg.batch_size / seconds, 1),
+            "data_mode": "memory" if trainer.in_memory else f"stream, {trainer.cfg.num_workers} workers"}
+
+
+def phase_profile(trainer: Trainer, steps: int) -> dict:
+    """Where one step's time goes: building the batch (in memory: gather + augmentation), the teacher,
+    forward + backward, the optimiser (ms per step, medians)."""
+    from spatial_forcing.train.loop import prepare_batch
+
+    loader = iter(trainer._make_loader(0))
+    phases: dict[str, list[float]] = {k: [] for k in ("batch", "teacher", "forward_backward", "optimizer")}
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = next(loader)
+        t1 = time.perf_counter()
+        inputs = prepare_batch(batch, trainer.cfg.cameras, trainer.policy, trainer.device)
+        grid = trainer.teacher_grid(batch, inputs.teacher)
+        t2 = time.perf_counter()
+        loss, _ = trainer.wrapped(inputs.policy, grid)
+        loss.backward()
+        t3 = time.perf_counter()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        for k, a, b in (("batch", t0, t1), ("teacher", t1, t2), ("forward_backward", t2, t3), ("optimizer", t3, t4)):
+            phases[k].append(1e3 * (b - a))
+    del loader
+    return {k: round(statistics.median(v), 1) for k, v in phases.items()}
+
+
+def step_flops(trainer: Trainer) -> float:
+    """FLOPs of one training step's forward + backward (torch's FlopCounterMode: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from spatial_forcing.train.loop import prepare_batch
+
+    batch = next(iter(trainer._make_loader(0)))
+    inputs = prepare_batch(batch, trainer.cfg.cameras, trainer.policy, trainer.device)
+    grid = trainer.teacher_grid(batch, inputs.teacher)
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = trainer.wrapped(inputs.policy, grid)
+        loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def machine_gflops() -> dict:
+    """What these cores deliver: a large fp32 matmul and a mid-size convolution forward + backward."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(2):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    matmul = 5 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+    x = torch.randn(32, 64, 24, 24, requires_grad=True)
+    for _ in range(2):
+        conv(x).sum().backward()
+    t = time.perf_counter()
+    for _ in range(5):
+        conv(x).sum().backward()
+    flops = 3 * 2 * 32 * 64 * 24 * 24 * 64 * 9  # forward + input and weight gradients
+    return {"matmul_2048_gflops": round(matmul, 1), "conv3x3_64ch_fwd_bwd_gflops": round(5 * flops / (time.perf_counter() - t) / 1e9, 1)}
+
+
 def cpu_benchmark(args: argparse.Namespace) -> dict:
     dataset = quickstart_data(args.dataset, args.episodes)
-    out = tempfile.mkdtemp(prefix="sf_bench_run_")
-    base = dict(dataset=dataset, output_dir=out, logger="none", val_every=0, save_every=10**9, val_episodes=0)
-    sf = Trainer(TrainConfig.preset("quickstart", **base), progress=False)
-    # 1. the whole loop: loader (2 workers: decode, augment) + step, after a warm-up
+    out = Path(tempfile.mkdtemp(prefix="sf_bench_run_"))
+    base = dict(dataset=dataset, logger="none", val_every=0, save_every=10**9, val_episodes=0)
+    result: dict = {"dataset": dataset, "machine": machine_gflops()}
+    trainers = {}
+    for name, extra in (("before", BEFORE), ("after", AFTER)):
+        t0 = time.perf_counter()
+        trainer = Trainer(TrainConfig.preset("quickstart", **base, **extra, output_dir=str(out / name)), progress=False)
+        build = time.perf_counter() - t0
+        flops = step_flops(trainer) / trainer.cfg.batch_size
+        loop = loop_throughput(trainer, args.steps if name == "after" else max(4, args.steps // 4), args.warmup)
+        result[name] = {"policy": trainer.cfg.policy, "parameters": sum(p.numel() for p in trainer.policy.parameters()),
+                        "build_s": round(build, 1), "loop": loop, "gflop_per_sample": round(flops / 1e9, 3),
+                        "achieved_gflops": round(flops * loop["samples_per_s"] / 1e9, 1)}
+        trainers[name] = trainer
+    result["after"]["profile_ms_per_step"] = phase_profile(trainers["after"], args.profile_steps)
+    result["speedup_after_over_before"] = round(result["after"]["loop"]["samples_per_s"] /
+                                                result["before"]["loop"]["samples_per_s"], 2)
+    result["target_samples_per_s"] = 150
+    # SF vs no SF on the same batches, interleaved (the compact student now)
+    sf = trainers["after"]
     loader = iter(sf._make_loader(0))
-    for _ in range(args.warmup):
-        sf.train_step([next(loader)])
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        sf.train_step([next(loader)])
-    loop_s = time.perf_counter() - t0
-    samples_per_s = args.steps * sf.cfg.batch_size / loop_s
-    # 2. SF vs no SF on the same batches, interleaved
     batches = [next(loader) for _ in range(args.ratio_batches)]
-    del loader
-    plain = Trainer(TrainConfig.preset("quickstart", **base, sf=False), progress=False)
+    del loader, trainers["before"]
+    plain = Trainer(TrainConfig.preset("quickstart", **base, sf=False, output_dir=str(out / "plain")), progress=False,
+                    frames=sf.frames)
     times: dict[str, list[float]] = {"sf": [], "no_sf": []}
     for rep in range(args.ratio_reps):
         for b in batches:
@@ -81,14 +180,11 @@ def cpu_benchmark(args: argparse.Namespace) -> dict:
                 trainer.train_step([b])
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {
-        "preset": "quickstart", "dataset": dataset, "batch_size": sf.cfg.batch_size,
-        "loop": {"steps": args.steps, "warmup": args.warmup, "seconds": round(loop_s, 2),
-                 "samples_per_s": round(samples_per_s, 2), "num_workers": sf.cfg.num_workers},
-        "step_ms": {k: {"median": round(1e3 * m, 1), "p10": round(1e3 * percentile(times[k], 10), 1),
-                        "p90": round(1e3 * percentile(times[k], 90), 1), "n": len(times[k])} for k, m in med.items()},
-        "sf_over_no_sf": round(med["sf"] / med["no_sf"], 3), "target_sf_over_no_sf": 1.10,
-    }
+    result["step_ms"] = {k: {"median": round(1e3 * m, 1), "p10": round(1e3 * percentile(times[k], 10), 1),
+                             "p90": round(1e3 * percentile(times[k], 90), 1), "n": len(times[k])} for k, m in med.items()}
+    result["sf_over_no_sf"] = round(med["sf"] / med["no_sf"], 3)
+    result["target_sf_over_no_sf"] = 1.10
+    return result
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -217,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--dataset", help="CPU: a LeRobot dataset (default: collect a small LIBERO-Object one)")
     p.add_argument("--episodes", type=int, default=8, help="CPU: episodes to collect when --dataset is not given")
+    p.add_argument("--profile-steps", type=int, default=10, help="CPU: steps of the phase profile")
     p.add_argument("--steps", type=int, default=None, help="timed steps (CPU loop 40, models 20)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--ratio-batches", type=int, default=6)
@@ -226,6 +323,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--settings", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--policy", default=None,
+                   help="a π0 preset: CPU: pi0-mini samples/s with and without SF (pipeline + step) and fwd+bwd of "
+                        "a batch of 2; --models: the π0 step (default preset pi0, full size, bf16 autocast) with "
+                        "LoRA and full fine-tuning (pi0_bench.py)")
+    p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"],
+                   help="--policy with --models: fine-tuning modes")
     p.add_argument("--out", help="result JSON (default benchmarks/results/train_<cpu|device>.json)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -233,7 +336,23 @@ def main(argv: list[str] | None = None) -> dict:
     models = args.models or device.type == "cuda"
     doc = {"benchmark": "train", "date": _dt.date.today().isoformat(), "device": device_name(device),
            "torch": torch.__version__, "commit": git_commit()}
-    if models:
+    if args.policy and models:
+        import pi0_bench
+
+        args.vggt = args.vggt or ("vggt-1b" if device.type == "cuda" else "tiny")
+        args.steps = args.steps or 10
+        doc["pi0_models"] = pi0_bench.train_models(args.policy, args.vggt, device, args.batch, args.steps, args.warmup,
+                                                   args.modes, [s for s in args.settings if s in ("a", "b")],
+                                                   args.grad_checkpointing)
+        name = f"train_models_{'gpu' if device.type == 'cuda' else 'cpu'}_{args.policy}.json"
+    elif args.policy:
+        import pi0_bench
+
+        args.steps = args.steps or 20
+        doc["cpu_pi0"] = pi0_bench.train_cpu(quickstart_data(args.dataset, args.episodes), args.steps, args.warmup,
+                                             tempfile.mkdtemp(prefix="sf_bench_pi0_"))
+        name = f"train_cpu_{args.policy}.json"
+    elif models:
         args.arch = args.arch or ("openvla-7b" if device.type == "cuda" else "mini")
         args.vggt = args.vggt or ("vggt-1b" if device.type == "cuda" else "tiny")
         args.steps = args.steps or 20

@@ -75,10 +75,12 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def write_small(root: Path, seed: int, lengths=(6, 7, 6), nan_at: tuple[int, int] | None = None) -> Path:
-    """A LeRobot dataset without pictures worth the name: 8x8 images, given lengths, actions from `seed`."""
+def write_small(root: Path, seed: int, lengths=(6, 7, 6), nan_at: tuple[int, int] | None = None,
+                depth: bool = False) -> Path:
+    """A LeRobot dataset without pictures worth the name: 8x8 images, given lengths, actions from `seed`
+    (with `depth`: float32 depth columns and no intrinsics, as LeRobot's own RGB-D datasets)."""
     rng = np.random.default_rng(seed)
-    feats = canonical_features({"agentview": (8, 8), "wrist": (8, 8)}, 8, 7, video=False)
+    feats = canonical_features({"agentview": (8, 8), "wrist": (8, 8)}, 8, 7, video=False, depth=depth)
     with LeRobotWriter(root, 20, feats, robot_type="panda", video=False,
                        camera_keys=["observation.images.agentview", "observation.images.wrist"]) as w:
         for e, n in enumerate(lengths):
@@ -88,7 +90,9 @@ def write_small(root: Path, seed: int, lengths=(6, 7, 6), nan_at: tuple[int, int
                     action[2] = np.nan
                 w.add_frame({"observation.state": rng.normal(size=8).astype(np.float32), "action": action,
                              "observation.images.agentview": np.zeros((8, 8, 3), np.uint8),
-                             "observation.images.wrist": np.zeros((8, 8, 3), np.uint8)})
+                             "observation.images.wrist": np.zeros((8, 8, 3), np.uint8),
+                             **({f"observation.depth.{c}": np.ones((8, 8), np.float32) for c in ("agentview", "wrist")}
+                                if depth else {})})
             w.save_episode(task="pick")
     return root
 
@@ -113,6 +117,7 @@ class Ctx:
     escape_ds: Path
     nan_ds: Path
     image: Path
+    no_k_ds: Path
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +151,13 @@ def ctx(tmp_path_factory) -> Ctx:
     from PIL import Image
 
     Image.fromarray(np.full((28, 28, 3), 128, np.uint8)).save(tmp / "img.png")
+    np.save(tmp / "depth.npy", np.full((28, 28), 1.5, np.float32))
+    np.save(tmp / "depth_small.npy", np.full((20, 20), 1.5, np.float32))
+    (tmp / "K.json").write_text(json.dumps([[30.0, 0, 13.5], [0, 30.0, 13.5], [0, 0, 1]]))
     return Ctx(tmp, dataset, run, tmp / "run.json", ckpt, ckpt / "policy", tmp / "occupied", tmp / "existing.safetensors",
                tmp / "garbage.safetensors", tmp / "truncated.safetensors", tmp / "payload.pt", tmp / "PWNED",
-               tmp / "bad.json", corrupt, bad_info, escape, nan_ds, tmp / "img.png")
+               tmp / "bad.json", corrupt, bad_info, escape, nan_ds, tmp / "img.png",
+               write_small(tmp / "no_k_ds", seed=2, depth=True))
 
 
 # ====================================================================== the matrix
@@ -172,6 +181,18 @@ CASES = [
                                         c.tmp / "f.st"], "truncated.safetensors", lambda c: [c.truncated]),
     ("tf-pickled-weights", lambda c: ["teacher-features", "--images", c.image, "--weights", c.payload_pt, "--out",
                                       c.tmp / "f.st"], "could run code", lambda c: [c.payload_pt]),
+    ("tf-fit-with-vggt", lambda c: ["teacher-features", "--images", c.image, "--fit", "pad", "--out", c.tmp / "f.st"],
+     "--fit", lambda c: []),
+    ("tf-image-size-not-a-multiple", lambda c: ["teacher-features", "--teacher", "geometry", "--images", c.image,
+                                                "--depth", c.tmp / "depth.npy", "--intrinsics", c.tmp / "K.json",
+                                                "--image-size", "30", "--out", c.tmp / "f.st"], "--image-size",
+     lambda c: []),
+    ("tf-image-size-with-pad", lambda c: ["teacher-features", "--teacher", "geometry", "--images", c.image, "--depth",
+                                          c.tmp / "depth.npy", "--intrinsics", c.tmp / "K.json", "--fit", "pad",
+                                          "--image-size", "28", "--out", c.tmp / "f.st"], "--image-size", lambda c: []),
+    ("tf-depth-size", lambda c: ["teacher-features", "--teacher", "geometry", "--images", c.image, "--depth",
+                                 c.tmp / "depth_small.npy", "--intrinsics", c.tmp / "K.json", "--out", c.tmp / "f.st"],
+     "--depth", lambda c: []),
     # init-vggt
     ("init-occupied-folder", lambda c: ["init-vggt", "--out", c.occupied_dir], "--overwrite", lambda c: [c.occupied_dir]),
     ("init-occupied-file", lambda c: ["init-vggt", "--out", c.tmp / "existing.pt"], "--overwrite",
@@ -209,6 +230,13 @@ CASES = [
                                     "--episodes", "0"], "--episodes", lambda c: []),
     ("collect-occupied", lambda c: ["collect", "libero", "--suite", "libero_object", "--out", c.occupied_dir],
      "--overwrite", lambda c: [c.occupied_dir]),
+    ("collect-depth-video-png", lambda c: ["collect", "libero", "--suite", "libero_object", "--out", c.tmp / "c2",
+                                           "--depth-format", "video", "--png"], "--depth-format", lambda c: []),
+    ("collect-depth-format-no-depth", lambda c: ["collect", "libero", "--suite", "libero_object", "--out", c.tmp / "c3",
+                                                 "--depth-format", "float32", "--no-depth"], "--depth-format",
+     lambda c: []),
+    ("collect-depth-format-choice", lambda c: ["collect", "libero", "--suite", "libero_object", "--out", c.tmp / "c4",
+                                               "--depth-format", "png"], "--depth-format", lambda c: []),
     # cache-teacher
     ("cache-missing-dataset", lambda c: ["cache-teacher", "--teacher", "geometry", "--dataset", c.tmp / "absent"],
      "absent", lambda c: []),
@@ -239,6 +267,8 @@ CASES = [
      lambda c: []),
     ("serve-connections", lambda c: ["serve", "--policy", c.policy, "--max-connections", "0"], "--max-connections",
      lambda c: []),
+    ("serve-empty-policy-name", lambda c: ["serve", "--policy", c.policy, "--policy-name", " "], "--policy-name",
+     lambda c: []),
     # train: options
     ("train-log-every", lambda c: [*T, "--dataset", c.dataset, "--log-every", "0"], "--log-every", lambda c: []),
     ("train-lr-nan", lambda c: [*T, "--dataset", c.dataset, "--lr", "nan"], "--lr", lambda c: []),
@@ -250,6 +280,22 @@ CASES = [
      lambda c: []),
     ("train-warmup-multistep", lambda c: [*T, "--dataset", c.dataset, "--schedule", "multistep", "--warmup-steps",
                                           "10"], "--warmup-steps", lambda c: []),
+    ("train-wandb-option-without-wandb", lambda c: [*T, "--dataset", c.dataset, "--wandb-project", "lab"],
+     "--wandb-project", lambda c: []),
+    ("train-run-name-without-logger", lambda c: [*T, "--dataset", c.dataset, "--run-name", "r1"], "--run-name",
+     lambda c: []),
+    ("train-wandb-empty-tag", lambda c: [*T[:-2], "--logger", "wandb", "--dataset", c.dataset, "--wandb-tags", "ok", " "],
+     "--wandb-tags", lambda c: []),
+    ("train-no-intrinsics", lambda c: [*T, "--dataset", c.no_k_ds, "--output-dir", c.tmp / "r6"], "--intrinsic",
+     lambda c: [c.no_k_ds]),
+    ("train-intrinsic-not-a-matrix", lambda c: [*T, "--dataset", c.no_k_ds, "--intrinsic", "agentview=[1, 2]",
+                                                "--output-dir", c.tmp / "r7"], "intrinsics for 'agentview'",
+     lambda c: [c.no_k_ds]),
+    ("train-intrinsic-unknown-camera", lambda c: [*T, "--dataset", c.no_k_ds, "--intrinsic",
+                                                  "front=[[9,0,4],[0,9,4],[0,0,1]]", "--output-dir", c.tmp / "r8"],
+     "no such camera", lambda c: [c.no_k_ds]),
+    ("train-intrinsic-with-vggt", lambda c: [*T, "--dataset", c.dataset, "--teacher", "vggt", "--intrinsic",
+                                             "agentview=K.json"], "--intrinsic", lambda c: []),
     ("train-geometry-layer", lambda c: [*T, "--dataset", c.dataset, "--align-teacher-layer", "5"],
      "--align-teacher-layer", lambda c: []),
     ("train-config-json", lambda c: ["train", "--config", c.bad_json], "bad.json", lambda c: [c.bad_json]),
@@ -493,8 +539,10 @@ def test_nan_in_the_data_is_named_and_never_cached(ctx, tmp_path, monkeypatch):
 # ====================================================================== every `sf train` option does something
 _ALTERNATIVES = {str: {"standardize": "", "policy": "openvla/openvla-7b", "device": "cpu"}}
 _PREREQUISITES = {"lora_alpha": ["--lora-rank", "4"], "warmup_steps": ["--schedule", "cosine"],
+                  "min_lr": ["--schedule", "cosine"], "decay_steps": ["--schedule", "cosine"],
                   "val_every": ["--val-episodes", "1"], "teacher_weights": ["--teacher", "vggt"],
-                  "align.teacher_layer": ["--teacher", "vggt"]}
+                  "align.teacher_layer": ["--teacher", "vggt"],
+                  **{f: ["--logger", "wandb"] for f in ("wandb_project", "wandb_entity", "wandb_group", "wandb_tags")}}
 
 
 def _other_value(name: str, typ, default):
@@ -502,7 +550,8 @@ def _other_value(name: str, typ, default):
     if typ is bool:
         return None
     if typing.get_origin(typ) is list:
-        return ["9", "12"] if typing.get_args(typ)[0] is int else ["agentview"]
+        item = typing.get_args(typ)[0]
+        return ["9", "12"] if item is int else ["0.8", "0.9"] if item is float else ["agentview"]
     if typing.get_origin(typ) is dict:
         return ["num_images=1"]
     if typ is int:
@@ -566,6 +615,8 @@ def test_every_config_field_is_read_by_the_training_code():
     code = [p for p in (*(pkg / "train").glob("*.py"), *(pkg / "align").glob("*.py"))
             if p.name not in ("config.py", "cli.py")]
     read = _reads(code)
+    if "accumulation" in read:  # the loop calls cfg.accumulation(world), which reads these two
+        read |= {"grad_accum", "global_batch_size"}
     unread = [f.name for f in fields(TrainConfig) if f.name not in read]
     unread += [f"align.{f.name}" for f in fields(AlignConfig)
                if f.name not in read and f.name not in ("loss_type", "resample")]  # single-choice, checked above

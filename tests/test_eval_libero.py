@@ -19,7 +19,7 @@ pytest.importorskip("libero.libero")
 from spatial_forcing.cli import main  # noqa: E402
 from spatial_forcing.envs.libero import OFT_MAX_STEPS, proprio_state, quat2axisangle  # noqa: E402
 from spatial_forcing.eval import protocol as P  # noqa: E402
-from spatial_forcing.eval.policies import ExpertPolicy, OFTEvalPolicy, PolicyInfo, check_fits_libero  # noqa: E402
+from spatial_forcing.eval.policies import CheckpointEvalPolicy, ExpertPolicy, PolicyInfo, check_fits_libero  # noqa: E402
 from spatial_forcing.eval.rollout import scene_hash  # noqa: E402
 from spatial_forcing.eval.runner import evaluate_libero  # noqa: E402
 from spatial_forcing.eval.video import VideoSelection  # noqa: E402
@@ -148,6 +148,9 @@ def test_expert_succeeds_through_the_cli_in_worker_processes(tmp_path, capsys):
     assert res["summary"]["ci95"] == pytest.approx([2 / (2 + 1.959964 ** 2), 1.0], abs=1e-6)  # Wilson, k = n
     assert res["protocol"]["max_steps"] == 280 and res["protocol"]["num_steps_wait"] == 10
     assert res["protocol"]["env_seed"] == 0 and res["protocol"]["seed"] == 7 and res["versions"]["mujoco"]
+    saved = json.loads((out / "settings.json").read_text())["protocol"]  # the image ops used, and TF-exact
+    assert saved["image_ops"] == "tf-exact" and saved["rules"]["image_ops"]["tf_exact"] is True
+    assert "fast integer IDCT" in saved["rules"]["image_ops"]["jpeg_decoder"]
     assert "| **all** | 100.0 |" in (out / "results.md").read_text()
 
 
@@ -252,6 +255,11 @@ def test_resume_skips_finished_episodes_and_never_double_counts(tmp_path):
     assert len(_lines(out)) == 2 and again["summary"] == res["summary"]
     with pytest.raises(ValueError, match="max_steps: saved 280, now 100"):
         evaluate_libero(ExpertPolicy(), SUITE, tasks="0", trials_per_task=2, max_steps=100, output=out, progress=False)
+    settings = json.loads((out / "settings.json").read_text())  # a run made before the TF-exact image ops
+    del settings["protocol"]["image_ops"]
+    (out / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="image_ops: saved None, now 'tf-exact'"):
+        evaluate_libero(ExpertPolicy(), SUITE, tasks="0", trials_per_task=2, videos="none", output=out, progress=False)
 
 
 class BrokenExpert(ExpertPolicy):
@@ -295,7 +303,7 @@ def test_bad_input_is_explained(tmp_path, capsys):
     _mini_policy().save_pretrained(tmp_path / "mini")
     rc, err = run("--policy", str(tmp_path / "mini"), "--suite", SUITE, "--replan-steps", "9")
     assert rc == 2 and "--replan-steps: expected 1..8" in err
-    three = OFTEvalPolicy.from_policy(_mini_policy(num_images=3), SUITE)
+    three = CheckpointEvalPolicy.from_policy(_mini_policy(num_images=3), SUITE)
     with pytest.raises(ValueError, match="3 camera images.*LIBERO renders 2"):
         check_fits_libero(three.info)
     rc, err = run("--policy", "expert", "--suite", SUITE, "--replan-steps", "2")

@@ -1,5 +1,6 @@
 """`sf quickstart` in a reduced form (2 demonstrations, 2 training steps, one short evaluation episode
-per policy) in the real simulator: every artefact of the report, the cached second run, the record."""
+per policy, both evaluated at once in two simulator processes) in the real simulator: every artefact of
+the report, the cached second run, the record."""
 
 from __future__ import annotations
 
@@ -20,13 +21,16 @@ def test_quickstart_produces_every_artefact_and_reuses_its_work(tmp_path, capsys
         assert (out / name).is_file() and (out / name).stat().st_size > 100, name
     summary = json.loads((out / "quickstart.json").read_text())
     assert summary["data"]["episodes"] == 2 and not summary["data"]["cached"]
+    assert summary["data"]["folder"].endswith("_from1_128px_noaa")  # demonstrations start after the evaluated scenes
     for run in ("sf", "baseline"):
         r = summary["runs"][run]
-        assert set(r["probe_r2"]) == {"0", "1", "2", "3", "4"} and r["success_rate"] == 0.0  # 8 steps: no success
+        assert set(r["probe_r2"]) == {"0", "1", "2", "3"} and r["success_rate"] == 0.0  # 8 steps: no success
         assert r["final_action_loss"] > 0 and r["checkpoint"].endswith("step-0000002")
     assert summary["runs"]["sf"]["final_align_loss"] is not None and summary["runs"]["baseline"]["final_align_loss"] is None
     report = (out / "report.md").read_text()
     assert "| depth probe R² (aligned layer) |" in report and "rollout_sf.mp4" in report
+    assert "not independent evidence" in report and "Success on 1 unseen episode(s) per task: SF 0 %" in report
+    assert summary["difference"]["difference"] == 0.0
     recorded = json.loads((tmp_path / "quickstart_result.json").read_text())
     assert recorded["benchmark"] == "quickstart" and recorded["runs"]["sf"]["probe_r2_aligned"] == \
         summary["runs"]["sf"]["probe_r2_aligned"]

@@ -56,9 +56,12 @@ def dataset(tmp_path_factory):
 
 
 def config(dataset, out, **kw) -> TrainConfig:
-    base = dict(PRESETS["quickstart"], dataset=str(dataset), output_dir=str(out), num_workers=0, batch_size=4,
-                max_steps=6, save_every=3, val_every=0, val_episodes=1, logger="none", log_every=1, lr=2e-3,
-                warmup_steps=0, augment=False)
+    """The quickstart preset on the OFT `mini` student and the streaming pipeline (the compact CNN student and
+    the in-memory path have their own tests: test_policy_registry.py, test_memory_data.py)."""
+    base = dict(PRESETS["quickstart"], policy="mini", data_mode="stream", teacher_cache="", color_jitter=True,
+                dataset=str(dataset), output_dir=str(out),
+                num_workers=0, batch_size=4, max_steps=6, save_every=3, val_every=0, val_episodes=1, logger="none",
+                log_every=1, lr=2e-3, warmup_steps=0, augment=False)
     base.update(kw)
     return TrainConfig.from_dict(base)
 
@@ -72,8 +75,9 @@ def test_presets_follow_the_published_recipe():
     assert p.policy_overrides == {"visual_token_shift": 1}
     base = TrainConfig.preset("oft-libero-goal")
     assert not base.sf and base.policy_overrides == {} and base.lora_rank == 32
-    assert {f"{a}-libero-{s}" for a in ("oft-sf", "oft", "mini-sf", "mini") for s in ("spatial", "object", "goal", "10")} \
-        | {"quickstart"} == set(PRESETS)
+    assert {f"{a}-libero-{s}" for a in ("oft-sf", "oft", "mini-sf", "mini", "pi0-sf", "pi0")
+            for s in ("spatial", "object", "goal", "10")} | {"quickstart", "pi0-sf-aloha-place-block", "pi0-mini-sf"} \
+        == set(PRESETS)
 
 
 def test_bad_configurations_fail_before_any_model(dataset, tmp_path):
@@ -226,6 +230,7 @@ def test_sf_train_command_line(dataset, tmp_path, capsys):
                     "--align-coeff", "0.25"])
     text = capsys.readouterr().out
     assert code == 0 and "trained 2 steps" in text and "val_l1_current" in text
+    assert "batch 4 per process x 1 accumulated x 1 process(es) = global batch 4" in text
     ckpt = list_checkpoints(out)[-1][1]
     saved = json.loads((ckpt / "train_config.json").read_text())
     assert saved["align"]["coeff"] == 0.25 and saved["max_steps"] == 2
@@ -243,14 +248,39 @@ def test_grad_accumulation_and_clipping(dataset, tmp_path):
     assert all(not torch.equal(p, before[n]) for n, p in trainer.sf.named_parameters())
 
 
+def _wandb_records(folder: Path) -> bytes:
+    """The offline record log (protobuf) of the one W&B run under `folder`."""
+    runs = list((folder / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    return next(runs[0].glob("run-*.wandb")).read_bytes()
+
+
 def test_weights_and_biases_logs_the_run_offline(dataset, tmp_path, monkeypatch):
-    """`--logger wandb` (offline: no account, no network): the run, its config and its metrics are recorded."""
+    """`--logger wandb` (offline: no account, no network): the run, its config, its metrics and the logging
+    options (project, entity, run name, group, tags; each else from WANDB_*, else the default) are recorded."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    s = Trainer(config(dataset, tmp_path, logger="wandb", max_steps=2, save_every=2), progress=False).fit()
+    for var in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME", "WANDB_RUN_GROUP", "WANDB_TAGS"):
+        monkeypatch.delenv(var, raising=False)
+    s = Trainer(config(dataset, tmp_path / "a", logger="wandb", max_steps=2, save_every=2, run_name="ablation-7",
+                       wandb_project="lab-sf", wandb_entity="lab-team", wandb_group="sweep-3",
+                       wandb_tags=["libero", "geometry"]), progress=False).fit()
     assert s["steps"] == 2
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    records = next(runs[0].glob("run-*.wandb")).read_bytes()  # the offline record log (protobuf)
-    for needle in (b"spatial-forcing", b"action_loss", b"align_loss", b"samples_per_s", b"student_layer"):
+    records = _wandb_records(tmp_path / "a")
+    for needle in (b"lab-sf", b"lab-team", b"ablation-7", b"sweep-3", b"libero", b"geometry", b"action_loss",
+                   b"align_loss", b"samples_per_s", b"student_layer"):
         assert needle in records, needle
+    # the environment fills what the options leave empty; then the defaults
+    monkeypatch.setenv("WANDB_PROJECT", "env-project")
+    monkeypatch.setenv("WANDB_TAGS", "from-env,second")
+    Trainer(config(dataset, tmp_path / "b", logger="wandb", max_steps=1, save_every=1), progress=False).fit()
+    records = _wandb_records(tmp_path / "b")
+    assert b"env-project" in records and b"from-env" in records and b"second" in records
+    assert b"spatial-forcing" not in records.replace(b"spatial_forcing", b"")  # the default project gave way
+
+
+def test_the_run_name_names_the_tensorboard_run(dataset, tmp_path):
+    Trainer(config(dataset, tmp_path / "tb", logger="tensorboard", max_steps=1, save_every=1, run_name="my run/1"),
+            progress=False).fit()
+    (folder,) = (tmp_path / "tb" / "tensorboard").iterdir()
+    assert folder.name == "my_run_1" and any(folder.glob("events.out.tfevents.*"))

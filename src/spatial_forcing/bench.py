@@ -43,6 +43,7 @@ BENCHMARKS = [
     Benchmark("inference", "inference.py", ("--device", "cpu"), ("--device", "cuda"), "1"),
     Benchmark("data", "data.py", (), None, "2"),
     Benchmark("collect", "collect.py", (), None, "5"),
+    Benchmark("depth", "depth.py", (), None, "4"),
     Benchmark("experts", "experts.py", (), None, "10"),
     Benchmark("train", "train.py", (), ("--models", "--device", "cuda"), "5"),
     Benchmark("eval", "eval.py", (), None, "5"),
@@ -86,6 +87,17 @@ def _collect(d: dict) -> list[Row]:
     if target:
         rows.append(("best env steps/s", _fmt(best), f">= {target}", _status(best >= target)))
     return rows
+
+
+def _depth(d: dict) -> list[Row]:
+    r = d["results"]
+    video = next(v for k, v in r.items() if k.startswith("video") and "g 1" in k)
+    t = video.get("teacher_targets_224", {})
+    return [("depth bytes/camera-frame: LeRobot video / float32", f"{video['bytes_per_camera_frame']} / "
+             f"{r['float32']['bytes_per_camera_frame']}", "", ""),
+            ("depth video round trip, max error", _fmt(video["depth_error"]["max_mm"], " mm", 2), "<= half a step",
+             _status(video["depth_error"]["worst_ratio_to_bound"] <= 1.0)),
+            ("geometry targets at 224: mean 1 - cos", f"{t.get('one_minus_cos_mean', float('nan')):.2e}", "", "")]
 
 
 def _experts(d: dict) -> list[Row]:
@@ -146,7 +158,8 @@ def _quickstart(d: dict) -> list[Row]:
 
 
 HEADLINES: dict[str, Callable[[dict], list[Row]]] = {
-    "teacher": _teacher, "inference": _inference, "data": _data, "collect": _collect, "experts": _experts,
+    "teacher": _teacher, "inference": _inference, "data": _data, "collect": _collect, "depth": _depth,
+    "experts": _experts,
     "train": _train, "eval": _eval, "serve": _serve, "quickstart": _quickstart}
 
 

@@ -107,7 +107,8 @@ def patch_depth(depth: torch.Tensor, grid: int, min_valid: float = 0.5) -> tuple
 @torch.no_grad()
 def visual_batches(policy: Any, dataset: Any, layers: Sequence[int], cameras: Sequence[str], batch_size: int,
                    device: torch.device):
-    """Yield `({layer: X [T, D]}, y [T], samples)` per batch: the valid tokens' states and their patch depths."""
+    """Yield `({layer: X [T, D]}, {layer: y [T]}, samples)` per batch: the valid tokens' states and their patch
+    depths (each layer on its own grid)."""
     from torch.utils.data import DataLoader
 
     from spatial_forcing.data.schema import DEPTH
@@ -115,15 +116,18 @@ def visual_batches(policy: Any, dataset: Any, layers: Sequence[int], cameras: Se
 
     policy.model.eval()
     for batch in DataLoader(dataset, batch_size=batch_size):
-        inputs = prepare_batch(batch, list(cameras), policy.processor, device)
+        inputs = prepare_batch(batch, list(cameras), policy, device)
         depth = torch.stack([batch[DEPTH + c] for c in cameras], 1)
-        out, valid = {}, None
+        out, targets, grids = {}, {}, {}
         for layer in layers:
             hidden = policy(inputs.policy, align_layer=layer).visual_hidden  # [B, V, g, g, D]
-            if valid is None:
-                target, valid = patch_depth(depth, hidden.shape[2])
+            side = hidden.shape[2]  # a layer's own grid (a convolutional student's grids shrink with depth)
+            if side not in grids:
+                grids[side] = patch_depth(depth, side)
+            target, valid = grids[side]
             out[layer] = hidden.float().cpu()[valid]
-        yield out, target[valid], len(depth)
+            targets[layer] = target[valid]
+        yield out, targets, len(depth)
 
 
 def probe(policy: Any, train: Any, test: Any, layers: Sequence[int], cameras: Sequence[str], lam: float = 1e-2,
@@ -132,17 +136,17 @@ def probe(policy: Any, train: Any, test: Any, layers: Sequence[int], cameras: Se
     Two streaming passes; `progress(n)` is called with the samples of every batch."""
     device = torch.device(device)
     stats: dict[int, RidgeStats] = {}
-    for feats, y, n in visual_batches(policy, train, layers, cameras, batch_size, device):
+    for feats, ys, n in visual_batches(policy, train, layers, cameras, batch_size, device):
         for layer, x in feats.items():
-            stats.setdefault(layer, RidgeStats(x.shape[1])).add(x, y)
+            stats.setdefault(layer, RidgeStats(x.shape[1])).add(x, ys[layer])
         if progress is not None:
             progress(n)
     fits = {layer: s.solve(lam) for layer, s in stats.items()}
     scores = {layer: Score() for layer in layers}
-    for feats, y, n in visual_batches(policy, test, layers, cameras, batch_size, device):
+    for feats, ys, n in visual_batches(policy, test, layers, cameras, batch_size, device):
         for layer, x in feats.items():
             w, b = fits[layer]
-            scores[layer].add(y, x.double() @ w + b)
+            scores[layer].add(ys[layer], x.double() @ w + b)
         if progress is not None:
             progress(n)
     out = {}
@@ -176,7 +180,7 @@ def run_probe(policies: dict[str, Any], dataset: str, *, layers: Sequence[int] |
     results: dict[str, Any] = {}
     split = {"train_episodes": n - val_episodes, "test_episodes": val_episodes}
     for name, policy in policies.items():
-        cfg = policy.config
+        cfg = policy.spec
         cams = list(cameras or source.cameras[:cfg.num_images])
         no_depth = [c for c in cams if DEPTH + c not in getattr(source, "features", {})]
         if no_depth:

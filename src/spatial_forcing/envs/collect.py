@@ -6,7 +6,8 @@ action (gripper -1 open / +1 close, as LIBERO's demos and the RLDS) and the inst
 published ``no_noops`` data: 10 unrecorded settle steps after ``reset``; the observation is recorded
 before each kept action; no-ops (``||a[:6]|| < 1e-4`` and same gripper as the previous kept action) are
 neither recorded nor executed; only successful episodes are kept (failures are discarded). Episode e of
-a task runs in a fresh env (``experts.fresh_env``) from the benchmark's init state ``e % num_init_states``,
+a task runs in a fresh env (``experts.fresh_env``) from the benchmark's init state
+``(first_init_state + e) % num_init_states``,
 with the fixtures' layout and the expert both seeded with ``seed + e``, so each attempt, and the whole run,
 is deterministic per seed. ``jobs > 1`` spreads the attempts
 over worker processes and consumes them in attempt order: the same dataset, faster.
@@ -69,14 +70,15 @@ def _frame(obs: dict[str, Any], action: np.ndarray, depth: bool) -> dict[str, An
 Outcome = tuple[bool, int, "list[dict[str, Any]] | None", str]
 
 
-def _run_attempt(suite: str, task: int, attempt: int, *, image_size: int, depth: bool, seed: int) -> Outcome:
+def _run_attempt(suite: str, task: int, attempt: int, *, image_size: int, depth: bool, seed: int,
+                 first_init_state: int = 0, antialias: bool = True) -> Outcome:
     """One expert attempt in a fresh env (`fresh_env`: the attempt is a function of its arguments alone,
     whichever process runs it): (success, executed steps, the recorded frames if it succeeded, instruction)."""
     from spatial_forcing.envs.experts import fresh_env, run_expert_episode
 
     frames: list[dict[str, Any]] = []
-    with fresh_env(suite, task, seed + attempt, image_size=image_size, depth=depth) as env:
-        result = run_expert_episode(env, attempt % env.num_init_states, seed=seed + attempt,
+    with fresh_env(suite, task, seed + attempt, image_size=image_size, depth=depth, antialias=antialias) as env:
+        result = run_expert_episode(env, (first_init_state + attempt) % env.num_init_states, seed=seed + attempt,
                                     on_step=lambda obs, a: frames.append(_frame(obs, a, depth)))
         instruction = env.instruction
     return result.success, result.steps, (frames if result.success else None), instruction
@@ -155,22 +157,31 @@ def _executor(jobs: int) -> Any:
 def collect_libero(suite: str, tasks: str | Sequence[int | str] = "all", episodes_per_task: int = 50,
                    out: str | Path = "outputs/libero_expert", *, image_size: int = 128, depth: bool = True,
                    seed: int = 0, video: bool = True, progress: bool = True, overwrite: bool = False,
-                   depth_dtype: str = "float32", max_attempts_factor: float = 2.0, jobs: int = 1) -> dict[str, Any]:
+                   depth_format: str | None = None, max_attempts_factor: float = 2.0, jobs: int = 1,
+                   first_init_state: int = 0, antialias: bool = True) -> dict[str, Any]:
     """Record `episodes_per_task` successful expert episodes per task (at most
     ``ceil(max_attempts_factor * episodes_per_task)`` attempts each) into one LeRobot dataset at `out`.
 
     ``jobs > 1`` runs the attempts in that many worker processes (one simulator each); the dataset is the
     same as with ``jobs=1``. Returns a summary: per task attempts, successes, success rate, mean recorded
-    length, env steps; totals with env steps/s. Failed attempts are discarded."""
+    length, env steps; totals with env steps/s. Failed attempts are discarded. Attempt a starts from the
+    benchmark's init state ``(first_init_state + a) % 50``. Evaluation runs episode i from init state i, so
+    with `first_init_state` at least the number of evaluated episodes (and no wrap-around past 50), the
+    evaluated scenes are not among the demonstrations. `antialias=False` renders without MuJoCo's
+    multisampling (faster; evaluate such data with the same setting). `depth_format` stores depth as
+    LeRobot's 12-bit depth video ("video", the default with `video`), or lossless float32 / float16
+    parquet columns (`canonical_features`)."""
     from spatial_forcing.data.lerobot import LeRobotWriter, canonical_features
 
     if episodes_per_task < 1:
         raise ValueError(f"episodes_per_task: expected >= 1, found {episodes_per_task}")
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs: expected an int >= 1, found {jobs!r}")
+    if not isinstance(first_init_state, int) or first_init_state < 0:
+        raise ValueError(f"first_init_state: expected an int >= 0, found {first_init_state!r}")
     infos = parse_tasks(suite, tasks)
     feats = canonical_features({c: (image_size, image_size) for c in CAMERAS}, STATE_DIM, ACTION_DIM,
-                               depth=depth, intrinsics=True, extrinsics=True, depth_dtype=depth_dtype, video=video)
+                               depth=depth, intrinsics=True, extrinsics=True, depth_format=depth_format, video=video)
     max_attempts = int(np.ceil(max_attempts_factor * episodes_per_task))
     bar = None
     if progress:
@@ -178,10 +189,12 @@ def collect_libero(suite: str, tasks: str | Sequence[int | str] = "all", episode
 
         bar = tqdm(total=len(infos) * episodes_per_task, desc=f"collect {suite}", unit="ep")
     summary: dict[str, Any] = {"suite": suite, "out": str(out), "image_size": image_size, "depth": depth,
-                               "seed": seed, "jobs": jobs, "tasks": {}}
+                               "seed": seed, "jobs": jobs, "first_init_state": first_init_state, "antialias": antialias,
+                               "tasks": {}}
     t_start = time.perf_counter()
     executor = _executor(jobs)
-    schedule = _Schedule(executor, partial(_run_attempt, suite, image_size=image_size, depth=depth, seed=seed),
+    schedule = _Schedule(executor, partial(_run_attempt, suite, image_size=image_size, depth=depth, seed=seed,
+                                           first_init_state=first_init_state, antialias=antialias),
                          infos, episodes_per_task, max_attempts, jobs)
     try:
         with LeRobotWriter(out, FPS, feats, robot_type="panda", video=video,

@@ -39,6 +39,11 @@ from spatial_forcing.envs.libero import OFT_MAX_STEPS, LiberoEnv
 
 ROT_SCALE = 0.5  # radians per unit action
 NOOP_EPS = 1e-4
+# A position waypoint the arm cannot reach (a descent blocked by the object or the table) counts as
+# reached once the grip site has stopped (moved < STALL_MOVE m per step for STALL_STEPS steps) within
+# STALL_RADIUS m of it. Without this rule the expert waited out the waypoint's step limit at a standstill
+# and then closed the gripper: a timer no observation shows, which a memoryless policy cannot imitate.
+STALL_MOVE, STALL_STEPS, STALL_RADIUS = 5e-4, 2, 0.025
 GRIPPER_OPEN = -1.0
 GRIPPER_CLOSE = 1.0
 # Expert step cap: the suite's OFT max (the expert usually needs far fewer).
@@ -357,6 +362,8 @@ class ScriptedExpert:
         self._wp = 0
         self._wp_steps = 0
         self._hold: np.ndarray | None = None
+        self._prev_eef: np.ndarray | None = None
+        self._still = 0
         self.phase = self.waypoints[0].name
         self.done = False
         self._planned_place = False
@@ -421,11 +428,17 @@ class ScriptedExpert:
         a[6] = wp.gripper
         self._wp_steps += 1
         reached = wp.pos is None or np.linalg.norm(err) < wp.tol
+        moved = np.inf if self._prev_eef is None else float(np.linalg.norm(eef - self._prev_eef))
+        self._prev_eef = eef.copy()
+        self._still = self._still + 1 if moved < STALL_MOVE else 0
+        if wp.pos is not None and self._still >= STALL_STEPS and np.linalg.norm(err) < STALL_RADIUS:
+            reached = True  # blocked short of the target (see STALL_MOVE)
         if wp.name in ("approach", "descend"):
             reached = reached and np.linalg.norm(rot_err) < 0.08
         if (reached and self._wp_steps >= wp.min_steps) or self._wp_steps >= wp.max_steps:
             self._wp += 1
             self._wp_steps = 0
+            self._still = 0
             self._hold = None
             if wp.name == "lift" and not self._planned_place:
                 self._plan_place()

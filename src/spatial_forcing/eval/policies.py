@@ -7,8 +7,8 @@
                           "instruction": "put the bowl on the plate"})
     # chunk: [K, 7] float; the harness turns it into env actions with info.action_convention (§3.3)
 
-Implementations: ``OFTEvalPolicy`` (an ``OFTPolicy`` from this project's format, an upstream OpenVLA-OFT /
-Spatial-Forcing folder or a hub id, converted on the fly) and ``ExpertPolicy`` (the scripted pick-and-place
+Implementations: ``CheckpointEvalPolicy`` (a policy of any registered family, ``policies/registry.py``: this
+project's checkpoints, upstream OpenVLA-OFT / Spatial-Forcing folders or hub ids, converted on the fly) and ``ExpertPolicy`` (the scripted pick-and-place
 expert, privileged state, for verifying the harness without a model). Worker processes rebuild a policy from
 a picklable ``PolicyRef`` once per process; ``POLICY_KINDS`` maps a kind to ``(describe, build)``.
 
@@ -49,6 +49,8 @@ class PolicyInfo:
     state_dim: int = STATE_DIM  # 8 (OFT proprio) or 0
     action_dim: int = ACTION_DIM
     center_crop: bool = False  # applied by the policy's own processor; recorded only
+    image_ops: str = "oft"  # "oft": JPEG + Lanczos3 to image_size; "openpi": resize-with-pad (PIL bilinear), no JPEG
+    replan_steps: int = 0  # the policy's default actions per query (0 = the whole chunk); --replan-steps overrides
     privileged: bool = False  # reads the simulator through EpisodeContext.env
     details: dict[str, Any] = field(default_factory=dict)  # recorded (unnorm key, dtype, device, ...)
 
@@ -92,6 +94,8 @@ def check_fits_libero(info: PolicyInfo) -> None:
     if info.state_dim not in (0, STATE_DIM):
         raise ValueError(f"policy {info.name} expects a {info.state_dim}-D state; the LIBERO proprio is {STATE_DIM}-D "
                          "(eef pos, axis-angle, gripper qpos)")
+    if info.image_ops not in ("oft", "openpi"):
+        raise ValueError(f"policy {info.name}: image ops must be 'oft' or 'openpi', found {info.image_ops!r}")
     if info.action_convention not in ("oft", "raw"):
         raise ValueError(f"policy {info.name}: action convention must be 'oft' or 'raw', found "
                          f"{info.action_convention!r}")
@@ -139,50 +143,27 @@ def resolve_unnorm_key(keys: list[str], suite: str, requested: str | None) -> st
     raise ValueError(f"the policy's dataset statistics hold {keys}, none for suite {suite!r}; pass --unnorm-key")
 
 
-def oft_cameras(num_images: int) -> tuple[str, ...]:
-    """OFT's view order on LIBERO: agentview, then wrist (more views than LIBERO has stay unnamed)."""
+def libero_cameras(num_images: int) -> tuple[str, ...]:
+    """The OFT view order on LIBERO: agentview, then wrist (more views than LIBERO has stay unnamed)."""
     if num_images > len(LIBERO_CAMERAS):
         return tuple(f"camera{i}" for i in range(num_images))
     return LIBERO_CAMERAS[:num_images]
 
 
-def describe_oft(ref: PolicyRef, suite: str) -> PolicyInfo:
-    """PolicyInfo of an OFT checkpoint from its files (config, statistics), without loading weights."""
-    from spatial_forcing.data.normalize import STATS_FILE, load_dataset_statistics
-    from spatial_forcing.policies.oft.config import PLATFORMS, OFTConfig
-    from spatial_forcing.policies.oft.policy import resolve_checkpoint
+def describe_checkpoint(ref: PolicyRef, suite: str) -> PolicyInfo:
+    """PolicyInfo of a checkpoint of any registered family from its files (config, statistics), without
+    loading weights."""
+    from spatial_forcing.data.normalize import STATS_FILE
+    from spatial_forcing.policies.registry import describe_checkpoint as describe
 
-    folder = resolve_checkpoint(ref.source)
-    cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{folder}: missing config.json (not an OFT checkpoint)")
-    raw = json.loads(cfg_file.read_text())
-    if raw.get("model_type") == "oft":
-        cfg = OFTConfig.load(cfg_file)
-        proc_file = folder / "processor_config.json"
-        crop = json.loads(proc_file.read_text()).get("center_crop", cfg.center_crop) if proc_file.is_file() \
-            else cfg.center_crop
-        dims = dict(num_images=cfg.num_images, image_size=cfg.image_size, chunk_len=cfg.chunk_len,
-                    action_dim=cfg.action_dim, proprio_dim=cfg.proprio_dim if cfg.use_proprio else 0)
-    elif raw.get("model_type") == "openvla":
-        lib = PLATFORMS["libero"]  # what OFTPolicy.from_pretrained(platform="libero") builds (weights.py)
-        crop = True
-        head = any(folder.glob("action_head--*checkpoint.pt"))
-        proprio = any(folder.glob("proprio_projector--*checkpoint.pt")) or not head
-        dims = dict(num_images=lib["num_images"], image_size=int((raw.get("image_sizes") or [224])[0]),
-                    chunk_len=lib["chunk_len"], action_dim=lib["action_dim"],
-                    proprio_dim=lib["proprio_dim"] if proprio else 0)
-    else:
-        raise ValueError(f"{cfg_file}: model_type {raw.get('model_type')!r} is neither 'oft' nor 'openvla'")
-    stats_file = folder / STATS_FILE
-    keys = sorted(load_dataset_statistics(stats_file)) if stats_file.is_file() else []
+    spec, keys, folder = describe(ref.source)
     if not keys:
         raise FileNotFoundError(f"{folder}: missing {STATS_FILE} (the statistics that un-normalise actions)")
-    cameras = oft_cameras(dims["num_images"])
     device = _auto_device(ref.device)
-    return PolicyInfo(name=f"oft:{ref.source}", cameras=cameras, image_size=dims["image_size"],
-                      chunk_len=dims["chunk_len"], action_convention="oft", state_dim=dims["proprio_dim"],
-                      action_dim=dims["action_dim"], center_crop=bool(crop),
+    return PolicyInfo(name=f"{spec.family}:{ref.source}", cameras=libero_cameras(spec.num_images),
+                      image_size=spec.image_size, chunk_len=spec.chunk_len, action_convention=spec.action_convention,
+                      state_dim=spec.state_dim, action_dim=spec.action_dim, center_crop=spec.center_crop,
+                      image_ops=spec.image_ops, replan_steps=spec.replan_steps,
                       details={"unnorm_key": resolve_unnorm_key(keys, suite, ref.unnorm_key),
                                "dtype": _auto_dtype(ref.dtype, device), "weights": checkpoint_fingerprint(folder),
                                "device": device, "folder": str(folder)})
@@ -199,10 +180,10 @@ def checkpoint_fingerprint(folder: Path) -> str:
     return h.hexdigest()[:12]
 
 
-class OFTEvalPolicy:
-    """An ``OFTPolicy`` behind the harness protocol. Images arrive JPEG-round-tripped and Lanczos-resized to
-    the model's side; the processor applies the centre crop (``config.center_crop``), the prompt and the
-    q01/q99 proprio normalisation; actions come back un-normalised, gripper in OFT units (1 open, 0 close)."""
+class CheckpointEvalPolicy:
+    """A learned policy of any registered family behind the harness protocol. Images arrive
+    JPEG-round-tripped and Lanczos-resized to the model's side; the policy's processor applies its centre
+    crop, prompt and state normalisation; actions come back un-normalised in the policy's convention."""
 
     def __init__(self, policy: Any, info: PolicyInfo) -> None:
         self.policy = policy
@@ -210,17 +191,18 @@ class OFTEvalPolicy:
         self.unnorm_key = info.details["unnorm_key"]
 
     @classmethod
-    def load(cls, ref: PolicyRef, suite: str) -> OFTEvalPolicy:
+    def load(cls, ref: PolicyRef, suite: str) -> CheckpointEvalPolicy:
         import torch
 
-        from spatial_forcing.policies.oft.policy import OFTPolicy
+        from spatial_forcing.policies.registry import load_policy
 
-        info = describe_oft(ref, suite)
+        info = describe_checkpoint(ref, suite)
         d = info.details
-        policy = OFTPolicy.from_pretrained(d["folder"], unnorm_key=d["unnorm_key"], platform="libero",
-                                           dtype=getattr(torch, d["dtype"]), device=d["device"]).eval()
+        policy = load_policy(d["folder"], unnorm_key=d["unnorm_key"], dtype=getattr(torch, d["dtype"]),
+                             device=d["device"]).eval()
         loaded = cls.from_policy(policy, suite, name=info.name, unnorm_key=d["unnorm_key"])
-        for key in ("cameras", "image_size", "chunk_len", "action_dim", "state_dim", "center_crop"):
+        for key in ("cameras", "image_size", "chunk_len", "action_dim", "state_dim", "center_crop", "image_ops",
+                    "replan_steps"):
             if getattr(loaded.info, key) != getattr(info, key):
                 raise ValueError(f"{ref.source}: the loaded policy has {key}={getattr(loaded.info, key)!r} but its "
                                  f"files say {getattr(info, key)!r}")
@@ -228,22 +210,23 @@ class OFTEvalPolicy:
         return loaded
 
     @classmethod
-    def from_policy(cls, policy: Any, suite: str, name: str = "oft:<in-memory>",
-                    unnorm_key: str | None = None) -> OFTEvalPolicy:
-        """Wrap an ``OFTPolicy`` already in memory (this process only)."""
-        cfg = policy.config
+    def from_policy(cls, policy: Any, suite: str, name: str | None = None,
+                    unnorm_key: str | None = None) -> CheckpointEvalPolicy:
+        """Wrap a policy already in memory (this process only)."""
+        spec = policy.spec
         param = next(policy.model.parameters())
-        cameras = oft_cameras(cfg.num_images)
         key = resolve_unnorm_key(sorted(policy.stats), suite, unnorm_key)
-        info = PolicyInfo(name=name, cameras=cameras, image_size=cfg.image_size, chunk_len=cfg.chunk_len,
-                          action_convention="oft", state_dim=cfg.proprio_dim if cfg.use_proprio else 0,
-                          action_dim=cfg.action_dim, center_crop=bool(policy.processor.center_crop),
+        info = PolicyInfo(name=name or f"{spec.family}:<in-memory>", cameras=libero_cameras(spec.num_images),
+                          image_size=spec.image_size, chunk_len=spec.chunk_len,
+                          action_convention=spec.action_convention, state_dim=spec.state_dim,
+                          action_dim=spec.action_dim, center_crop=spec.center_crop, image_ops=spec.image_ops,
+                          replan_steps=spec.replan_steps,
                           details={"unnorm_key": key, "dtype": str(param.dtype).replace("torch.", ""),
                                    "device": str(param.device)})
         return cls(policy, info)
 
     def reset(self, context: EpisodeContext) -> None:
-        pass  # OFT is stateless between queries
+        pass  # the learned policies here are stateless between queries
 
     def infer(self, observation: dict[str, Any]) -> np.ndarray:
         return self.policy.predict_action_chunk(observation, unnorm_key=self.unnorm_key)
@@ -297,11 +280,13 @@ def _remote_info(ref: PolicyRef, meta: dict[str, Any]) -> PolicyInfo:
     if len(omap.get("images", ())) < int(meta["num_images"]) or not omap.get("prompt"):
         raise ValueError(f"policy server {ref.source}: its observation map {omap} does not name "
                          f"{meta['num_images']} image keys and a prompt key")
-    return PolicyInfo(name=f"remote:{ref.source}", cameras=oft_cameras(int(meta["num_images"])),
+    return PolicyInfo(name=f"remote:{ref.source}", cameras=libero_cameras(int(meta["num_images"])),
                       image_size=int(meta["image_size"]), chunk_len=int(meta["action_horizon"]),
                       action_convention=str(meta.get("action_convention", "oft")),
                       state_dim=int(meta.get("state_dim") or 0), action_dim=int(meta["action_dim"]),
                       center_crop=bool(meta.get("center_crop", False)),
+                      image_ops=str(meta.get("image_ops", (meta.get("observation") or {}).get("image_ops", "oft"))),
+                      replan_steps=int(meta.get("replan_steps", (meta.get("action") or {}).get("replan_steps") or 0)),
                       details={"server_policy": meta.get("policy"), "unnorm_key": meta.get("unnorm_key"),
                                "observation_map": omap})
 
@@ -364,11 +349,12 @@ class PolicyRef:
 
     @classmethod
     def parse(cls, text: str, **kwargs: Any) -> PolicyRef:
-        """``"expert"`` -> the scripted expert; anything else -> an OFT checkpoint folder or hub id."""
+        """``"expert"`` -> the scripted expert; anything else -> a checkpoint folder (any registered family)
+        or a hub id."""
         if text == "expert":
             return cls("expert", **kwargs)
         path = Path(text).expanduser()
-        return cls("oft", source=str(path.resolve()) if path.exists() else text, **kwargs)
+        return cls("checkpoint", source=str(path.resolve()) if path.exists() else text, **kwargs)
 
 
 def _describe_expert(ref: PolicyRef, suite: str) -> PolicyInfo:
@@ -376,7 +362,7 @@ def _describe_expert(ref: PolicyRef, suite: str) -> PolicyInfo:
 
 
 POLICY_KINDS: dict[str, tuple[Callable[[PolicyRef, str], PolicyInfo], Callable[[PolicyRef, str], Any]]] = {
-    "oft": (describe_oft, OFTEvalPolicy.load),
+    "checkpoint": (describe_checkpoint, CheckpointEvalPolicy.load),
     "expert": (_describe_expert, lambda ref, suite: ExpertPolicy(ref.seed)),
     "remote": (describe_remote, RemotePolicy.connect),
 }

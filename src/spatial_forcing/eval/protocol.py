@@ -4,11 +4,12 @@ Everything the published evaluation client does to an observation or an action l
 from ``envs/libero.py``, so each step can be tested against hand-computed values:
 
 * 180° image rotation ``img[::-1, ::-1]``: ``envs.libero.orient_image(img, "rot180")`` (LiberoEnv's default).
-* JPEG round trip (``jpeg_roundtrip``): quality 95, 4:2:0 chroma subsampling, baseline, as TF's
-  ``encode_jpeg`` defaults (§3.2 step 2).
+* JPEG round trip (``jpeg_roundtrip``): TF's ``encode_jpeg`` defaults (quality 95, 4:2:0, baseline,
+  accurate DCT, JFIF 300 dpi) and ``decode_image`` (fast integer IDCT, fancy upsampling), TF's bytes
+  and pixels exactly (§3.2 step 2; ``data/tfimage.py``).
 * Lanczos3 antialiased resize to the policy's side (``lanczos3_resize``): TF ``scale_and_translate`` in
-  float32, then round half to even, clip, uint8 (§3.2 step 2).
-* 90 %-area centre crop: applied by the policy's own processor (``policies/oft/processor.py:center_crop``,
+  float32 bit for bit, then round half to even, clip, uint8 (§3.2 step 2).
+* 90 %-area centre crop: applied by the policy's own processor (``policies/images.py:center_crop``,
   TF-exact); its box is ``crop_box`` (§3.2 step 3).
 * Proprio: ``envs.libero.proprio_state`` = eef pos + ``quat2axisangle(eef quat xyzw)`` + gripper qpos
   (§2), float64, from the raw robosuite observation.
@@ -18,7 +19,6 @@ from ``envs/libero.py``, so each step can be tested against hand-computed values
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import random
@@ -26,17 +26,19 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from spatial_forcing.data import tfimage
 from spatial_forcing.envs.libero import (DUMMY_ACTION, NUM_SETTLE_STEPS, OFT_MAX_STEPS, STANDARD_SUITES,
                                          oft_gripper_to_env, orient_image, proprio_state, to_env_action)
-from spatial_forcing.policies.oft.processor import CROP_AREA, crop_box
+from spatial_forcing.policies.images import CROP_AREA, crop_box
 
 __all__ = ["Protocol", "max_steps_for", "base_suite", "jpeg_encode", "jpeg_roundtrip", "lanczos3_weights",
            "lanczos3_resize", "prepare_image", "crop_box", "CROP_AREA", "orient_image", "proprio_state",
            "oft_gripper_to_env", "postprocess_actions", "set_seed_everywhere", "wilson_interval"]
 
-JPEG_QUALITY = 95
+JPEG_QUALITY = tfimage.JPEG_QUALITY  # 95
+IMAGE_OPS = "tf-exact"  # the image ops of `data/tfimage.py`: TensorFlow's bytes and pixels, bit for bit
+OPENPI_IMAGE_OPS = "openpi"  # openpi's LIBERO client (examples/libero/main.py): resize_with_pad, PIL bilinear, no JPEG
 ENV_IMAGE_SIZE = 256  # OFT `env_img_res`
 ENV_SEED = 0  # OFT: env.seed(0) once per task, right after creating the env
 DEFAULT_SEED = 7  # OFT `set_seed_everywhere(7)`
@@ -83,8 +85,13 @@ class Protocol:
     seed: int = DEFAULT_SEED
     instruction: str = "auto"  # task.language; the BDDL text for PRO _lan/_task suites (§4.6)
     jpeg_quality: int = JPEG_QUALITY
+    image_ops: str = IMAGE_OPS  # a run made with other image ops (PIL, before) does not resume into this one
+    antialias: bool = True  # MuJoCo's 4x multisampled renders (LIBERO's default; False: faster, our own data only)
 
     def __post_init__(self) -> None:
+        if self.image_ops not in (IMAGE_OPS, OPENPI_IMAGE_OPS):
+            raise ValueError(f"protocol image_ops: expected {IMAGE_OPS!r} or {OPENPI_IMAGE_OPS!r}, found "
+                             f"{self.image_ops!r}")
         for name in ("max_steps", "replan_steps", "num_steps_wait", "env_image_size", "jpeg_quality"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -93,13 +100,19 @@ class Protocol:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "rules": {
             "wait_action": list(DUMMY_ACTION),
-            "env": f"OffScreenRenderEnv, {self.env_image_size}x{self.env_image_size} agentview + "
+            "env": f"OffScreenRenderEnv, {self.env_image_size}x{self.env_image_size} "
+                   f"{'multisampled' if self.antialias else 'single-sample (antialias off)'} agentview + "
                    f"robot0_eye_in_hand, one env per task, env.seed({self.env_seed}) once at creation",
             "seeding": f"random/numpy/torch seeded with {self.seed} before each task (then env.seed)",
             "episodes": "episode i: env.reset() then set_init_state(init_states[i]) of the benchmark's "
                         "pruned_init; a task's episodes run in order in one env (resets replayed on resume)",
-            "images": "rot180 (img[::-1, ::-1]), JPEG q95 4:2:0 round trip, Lanczos3 antialias resize to the "
-                      "policy side (round half to even), centre crop sqrt(0.9) by the policy processor",
+            "images": (f"rot180 (img[::-1, ::-1]), JPEG q{self.jpeg_quality} 4:2:0 round trip (TF encode_jpeg + "
+                       "decode_image: fast integer IDCT), Lanczos3 antialias resize to the policy side (TF "
+                       "scale_and_translate, round half to even), centre crop sqrt(0.9) by the policy processor"
+                       if self.image_ops == IMAGE_OPS else
+                       "rot180 (img[::-1, ::-1]), openpi resize_with_pad to the policy side (PIL bilinear, black "
+                       "letterbox), no JPEG (openpi examples/libero/main.py)"),
+            "image_ops": tfimage.implementation() if self.image_ops == IMAGE_OPS else f"Pillow {_pil_version()}",
             "proprio": "eef_pos + quat2axisangle(eef_quat xyzw, unfolded) + gripper_qpos (float64)",
             "actions": "the first replan_steps actions of each chunk executed open loop, then a new query; "
                        "OFT gripper -> -sign(2g - 1); dims 0-5 unchanged",
@@ -109,75 +122,48 @@ class Protocol:
 
 
 # ----------------------------------------------------------------------------------------------- images
+# The TensorFlow ops of OFT's `resize_image_for_policy`, bit-exact without TensorFlow: `data/tfimage.py`.
 
 def jpeg_encode(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
-    """uint8 HxWx3 -> baseline JPEG bytes with the IJG tables at `quality` and 4:2:0 chroma subsampling
-    (TF ``encode_jpeg`` defaults; both use libjpeg(-turbo))."""
-    buf = io.BytesIO()
-    Image.fromarray(_check_rgb(image)).save(buf, format="JPEG", quality=int(quality), subsampling="4:2:0")
-    return buf.getvalue()
+    """uint8 HxWx3 -> the bytes of ``tf.image.encode_jpeg`` (q95 baseline, 4:2:0, accurate DCT, JFIF 300 dpi)."""
+    return tfimage.encode_jpeg(_check_rgb(image), quality)
 
 
 def jpeg_roundtrip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
-    """Encode and decode again (the OFT training frames are stored as JPEG; evaluation repeats it)."""
-    with Image.open(io.BytesIO(jpeg_encode(image, quality))) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def _lanczos3(x: np.ndarray) -> np.ndarray:
-    """TF's ``LanczosKernelFunc(3)`` in float32: ``3 sin(pi x) sin(pi x / 3) / (pi x)^2``, 1 for |x| <= 1e-3."""
-    pi = np.float32(3.14159265359)
-    x = np.abs(x).astype(np.float32)
-    safe = np.where(x <= np.float32(1e-3), np.float32(1), x)
-    out = np.float32(3) * np.sin(pi * safe) * np.sin(pi * safe / np.float32(3)) / (pi * pi * safe * safe)
-    return np.where(x > 3, np.float32(0), np.where(x <= np.float32(1e-3), np.float32(1), out)).astype(np.float32)
+    """``tf.io.decode_image(tf.image.encode_jpeg(image))``: the decode uses TF's fast integer IDCT."""
+    return tfimage.jpeg_roundtrip(_check_rgb(image), quality)
 
 
 def lanczos3_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """Spans of TF ``scale_and_translate`` (lanczos3, antialias) on one axis: (starts [n_out] int,
-    weights [n_out, span] float32). Output sample i is centred at ``c = (i + 0.5) / scale`` in input
-    pixel-edge coordinates; input pixel j (centre j + 0.5) within ``3 ks`` of c gets ``L3((j + 0.5 - c) / ks)``,
-    ``ks = max(1 / scale, 1)``; pixels outside the image are dropped and each row renormalised to sum 1."""
-    if n_in < 1 or n_out < 1:
-        raise ValueError(f"lanczos3_weights: expected positive sizes, found {n_in} -> {n_out}")
-    inv_scale = np.float32(1) / (np.float32(n_out) / np.float32(n_in))
-    ks = max(inv_scale, np.float32(1))
-    radius = np.float32(3) * ks
-    span = min(2 * math.ceil(float(radius)) + 1, n_in)
-    sample = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * inv_scale
-    lo = np.clip(np.ceil(sample - radius - np.float32(0.5)).astype(np.int64), 0, n_in - 1)
-    hi = np.clip(np.floor(sample + radius - np.float32(0.5)).astype(np.int64), 0, n_in - 1) + 1
-    start = np.minimum(lo, n_in - span)  # fixed-width spans; taps outside [lo, hi) get weight 0
-    src = start[:, None] + np.arange(span)[None, :]
-    w = _lanczos3((src.astype(np.float32) + np.float32(0.5) - sample[:, None]) * (np.float32(1) / ks))
-    w = np.where((src >= lo[:, None]) & (src < hi[:, None]), w, np.float32(0))
-    total = w.sum(axis=1, keepdims=True, dtype=np.float32)
-    return start, (w * (np.float32(1) / total)).astype(np.float32)
-
-
-def _resample_axis(x: np.ndarray, axis: int, n_out: int) -> np.ndarray:
-    start, w = lanczos3_weights(x.shape[axis], n_out)
-    moved = np.moveaxis(x, axis, 0)
-    out = np.zeros((n_out,) + moved.shape[1:], dtype=np.float32)
-    for k in range(w.shape[1]):  # sequential float32 accumulation over the span, as TF's gather loops
-        out += w[:, k].reshape((-1,) + (1,) * (moved.ndim - 1)) * moved[start + k]
-    return np.moveaxis(out, 0, axis)
+    """TF ``scale_and_translate`` spans (lanczos3, antialias) on one axis: (starts [n_out], weights
+    [n_out, span] float32), bit-exact (``data.tfimage.lanczos3_weights``)."""
+    return tfimage.lanczos3_weights(n_in, n_out)
 
 
 def lanczos3_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 HxWx3 -> uint8 size x size: TF ``resize(method="lanczos3", antialias=True)`` (float32, columns
-    then rows), then ``round`` (half to even), clip to [0, 255], uint8 — OFT's ``resize_image_for_policy``."""
-    img = _check_rgb(image).astype(np.float32)
-    out = _resample_axis(_resample_axis(img, 1, int(size)), 0, int(size))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    """uint8 HxWx3 -> uint8 size x size: TF ``resize(method="lanczos3", antialias=True)`` (float32, rows then
+    columns), then ``round`` (half to even), clip to [0, 255], uint8 — OFT's ``resize_image_for_policy``."""
+    return tfimage.resize_uint8(_check_rgb(image), int(size))
 
 
-def prepare_image(image: np.ndarray, size: int | None, quality: int = JPEG_QUALITY) -> np.ndarray:
+def prepare_image(image: np.ndarray, size: int | None, quality: int = JPEG_QUALITY, ops: str = IMAGE_OPS
+                  ) -> np.ndarray:
     """An env camera image (already rotated 180°) -> what the policy receives: JPEG round trip, then
-    Lanczos3 to `size` (§3.2 steps 1-2). ``size=None`` passes the rendered image through unchanged."""
+    Lanczos3 to `size` (§3.2 steps 1-2); with ``ops="openpi"``, openpi's LIBERO client instead
+    (`resize_with_pad`, PIL bilinear, no JPEG). ``size=None`` passes the rendered image through unchanged."""
     if size is None:
         return image
+    if ops == OPENPI_IMAGE_OPS:
+        from spatial_forcing.policies.images import resize_with_pad
+
+        return resize_with_pad(_check_rgb(image), int(size), int(size))[0]
     return lanczos3_resize(jpeg_roundtrip(image, quality), size)
+
+
+def _pil_version() -> str:
+    import PIL
+
+    return PIL.__version__
 
 
 def _check_rgb(image: np.ndarray) -> np.ndarray:

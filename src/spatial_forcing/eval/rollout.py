@@ -6,7 +6,9 @@
 Per episode, exactly as ``run_libero_eval.py``: ``env.reset()`` + ``set_init_state(init_states[i])``,
 ``num_steps_wait`` (10) steps of ``[0, 0, 0, 0, 0, 0, -1]`` whose ``done`` is ignored, then up to
 ``max_steps`` policy actions: the policy is queried only when the queue is empty and ``replan_steps``
-actions of each chunk are executed open loop; success is ``done`` from ``env.step``. An exception anywhere
+actions of each chunk are executed open loop; success is ``done`` from ``env.step``. The cameras render
+only in the steps whose observation is read (the step before a query, or every step of a recorded episode):
+rendering never changes the physics, so the episode is the same, several times faster. An exception anywhere
 in the episode ends it as a failure with reason ``"exception"`` and the message; the next episode runs.
 
 Layout history: every hard reset re-places the fixtures from the previous layout with numpy's global RNG
@@ -28,7 +30,8 @@ import numpy as np
 
 from spatial_forcing.data.schema import IMAGE
 from spatial_forcing.eval.policies import EpisodeContext, EvalPolicy, PolicyInfo
-from spatial_forcing.eval.protocol import Protocol, postprocess_actions, prepare_image, proprio_state, set_seed_everywhere
+from spatial_forcing.eval.protocol import (IMAGE_OPS, Protocol, postprocess_actions, prepare_image,
+                                          proprio_state, set_seed_everywhere)
 from spatial_forcing.envs.libero import LiberoEnv, TaskInfo
 
 REASONS = ("success", "timeout", "exception")
@@ -69,10 +72,12 @@ def scene_hash(env: LiberoEnv) -> str:
     return h.hexdigest()[:16]
 
 
-def policy_observation(env: LiberoEnv, obs: dict[str, Any], info: PolicyInfo, quality: int) -> dict[str, Any]:
+def policy_observation(env: LiberoEnv, obs: dict[str, Any], info: PolicyInfo, quality: int,
+                       ops: str = IMAGE_OPS) -> dict[str, Any]:
     """Env observation -> policy input (§3.2): the rot180 camera images through JPEG + Lanczos3 to the
-    policy's side, the float64 proprio from the raw robosuite observation, and the instruction."""
-    return {"images": [prepare_image(obs[IMAGE + cam], info.image_size, quality) for cam in info.cameras],
+    policy's side (or openpi's resize-with-pad, `ops="openpi"`), the float64 proprio from the raw robosuite
+    observation, and the instruction."""
+    return {"images": [prepare_image(obs[IMAGE + cam], info.image_size, quality, ops) for cam in info.cameras],
             "state": proprio_state(env.raw_obs), "instruction": env.instruction}
 
 
@@ -96,6 +101,7 @@ class TaskSession:
             p = self.protocol
             set_seed_everywhere(p.seed)
             self.env = LiberoEnv(self.task.suite, self.task.index, image_size=p.env_image_size, depth=False,
+                                 antialias=p.antialias,
                                  seed=p.env_seed, action_convention="raw", image_orientation="rot180",
                                  instruction=p.instruction, render=self.render)  # type: ignore[arg-type]
         return self.env
@@ -136,7 +142,7 @@ class TaskSession:
             res.reason = "timeout"
             while res.steps < p.max_steps:
                 if not queue:
-                    policy_obs = policy_observation(env, obs, info, p.jpeg_quality)
+                    policy_obs = policy_observation(env, obs, info, p.jpeg_quality, p.image_ops)
                     t = time.perf_counter()
                     chunk = policy.infer(policy_obs)
                     res.seconds_policy += time.perf_counter() - t
@@ -145,7 +151,9 @@ class TaskSession:
                 action = queue.popleft()
                 digest.update(np.ascontiguousarray(action, dtype=np.float64).tobytes())
                 t = time.perf_counter()
-                obs, _, done, _ = env.step(action, convention="raw")
+                # the cameras render only for an observation somebody reads: the next query or the video
+                seen = record or not queue
+                obs, _, done, _ = env.step(action, convention="raw", render=seen)
                 res.seconds_env += time.perf_counter() - t
                 res.steps += 1
                 res.env_steps += 1

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 from spatial_forcing.eval.policies import EvalPolicy, PolicyInfo, PolicyRef, build_policy, check_fits_libero, \
     describe_policy
-from spatial_forcing.eval.protocol import Protocol, max_steps_for
+from spatial_forcing.eval.protocol import IMAGE_OPS, OPENPI_IMAGE_OPS, Protocol, max_steps_for
 from spatial_forcing.eval.results import ResultStore, aggregate, library_versions
 from spatial_forcing.eval.rollout import EpisodeResult, TaskSession
 from spatial_forcing.eval.video import VideoSelection, video_name, write_mp4
@@ -193,7 +193,7 @@ class _Pool:
 def evaluate_libero(policy: PolicyRef | EvalPolicy, suite: str, *, tasks: str | Sequence[int | str] = "all",
                     trials_per_task: int = 50, seed: int = 7, workers: int = 1, output: str | Path | None = None,
                     videos: str = "first:1", replan_steps: int | None = None, max_steps: int | None = None,
-                    env_image_size: int = 256, progress: bool = True) -> dict[str, Any]:
+                    env_image_size: int = 256, antialias: bool = True, progress: bool = True) -> dict[str, Any]:
     """Evaluate `policy` on `suite` with the OFT protocol; returns the results dict (also written to
     ``<output>/results.json`` and ``results.md``). Finished episodes in `output` are skipped (resume)."""
     if not isinstance(workers, int) or workers < 1:
@@ -208,11 +208,12 @@ def evaluate_libero(policy: PolicyRef | EvalPolicy, suite: str, *, tasks: str | 
             raise ValueError("a policy object runs in this process only; pass a PolicyRef to use workers > 1")
         info = policy.info
     check_fits_libero(info)
-    replan = info.chunk_len if replan_steps is None else replan_steps
+    replan = (info.replan_steps or info.chunk_len) if replan_steps is None else replan_steps  # the policy's default
     if not isinstance(replan, int) or not 1 <= replan <= info.chunk_len:
         raise ValueError(f"--replan-steps: expected 1..{info.chunk_len} (the policy's chunk length), found {replan!r}")
     protocol = Protocol(suite=suite, max_steps=max_steps_for(suite) if max_steps is None else max_steps,
-                        replan_steps=replan, seed=seed, env_image_size=env_image_size)
+                        replan_steps=replan, seed=seed, env_image_size=env_image_size, antialias=antialias,
+                        image_ops=OPENPI_IMAGE_OPS if info.image_ops == "openpi" else IMAGE_OPS)
     out = Path(output) if output is not None else Path("outputs/eval") / f"{suite}-{_slug(info.name)}-seed{seed}"
     setup()  # headless GL chosen and exported before any env or worker starts
     versions = library_versions()

@@ -7,7 +7,7 @@ Layout of ``<output_dir>/``::
     run.lock                     held (flock) by the process training into the folder; records its pid
     metrics.jsonl, tensorboard/  logs
     checkpoints/step-<N>/
-        policy/                      the inference export (LoRA merged): OFTPolicy.from_pretrained(...) loads it
+        policy/                      the inference export (LoRA merged): policies.registry.load_policy(...) loads it
         align_projector.safetensors  the SF projector (upstream key names: vlm_norm.*, fc1.*, fc2.*)
         trainable.safetensors        LoRA runs: every trained tensor (adapters + heads), fp32, for resuming
         trainer_state.json           step, optimizer, scheduler, sampler position, RNG states: the structure

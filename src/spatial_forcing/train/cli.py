@@ -59,9 +59,13 @@ _NEEDS: list[tuple[tuple[str, ...], Any, str]] = [
     (("lora_alpha",), lambda c: c.lora_rank > 0, "--lora-rank > 0"),
     (("milestones", "gamma"), lambda c: c.schedule == "multistep", "--schedule multistep"),
     (("warmup_steps",), lambda c: c.schedule != "multistep", "--schedule cosine or constant"),
+    (("min_lr", "decay_steps"), lambda c: c.schedule == "cosine", "--schedule cosine"),
     (("grad_accum",), lambda c: c.global_batch_size == 0, "--global-batch-size 0 (it sets the accumulation)"),
     (("val_every",), lambda c: c.val_episodes > 0, "--val-episodes > 0"),
     (("teacher", "teacher_weights", "teacher_cache"), lambda c: c.sf, "--sf"),
+    (("wandb_project", "wandb_entity", "wandb_group", "wandb_tags"), lambda c: c.logger == "wandb", "--logger wandb"),
+    (("run_name",), lambda c: c.logger != "none", "--logger tensorboard or wandb"),
+    (("intrinsics",), lambda c: c.sf and c.teacher == "geometry", "--teacher geometry (with --sf)"),
 ]
 
 
@@ -88,12 +92,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if key.startswith("cfg_"):
             name = key[4:]
             given.append(name)
-            if name == "policy_overrides":
+            if isinstance(base.get(name), dict):  # --policy-override / --intrinsic KEY=VALUE
                 pairs = dict(base.get(name) or {})
                 for item in value:
                     k, sep, v = item.partition("=")
                     if not sep:
-                        raise ValueError(f"--policy-override {item!r}: expected KEY=VALUE")
+                        raise ValueError(f"--{name[:-1].replace('_', '-')} {item!r}: expected KEY=VALUE")
                     try:
                         pairs[k] = json.loads(v)
                     except json.JSONDecodeError:

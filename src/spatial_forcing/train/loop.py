@@ -16,8 +16,10 @@ Public API
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +30,13 @@ import torch
 import torch.nn as nn
 
 from spatial_forcing.align.module import SpatialForcing
-from spatial_forcing.data.schema import ACTION, DEPTH, IMAGE, INTRINSICS, STATE, TASK
+from spatial_forcing.data.schema import ACTION, DEPTH, IMAGE, INTRINSICS, PAD_MASK, STATE, TASK
 from spatial_forcing.teachers.base import TeacherGrid
 from spatial_forcing.train import distributed
-from spatial_forcing.train.checkpoint import (list_checkpoints, resolve_resume, rng_state, save_checkpoint,
-                                              set_rng_state)
+from spatial_forcing.errors import UserError
+from spatial_forcing.train.checkpoint import (RunLock, check_output_dir, checkpoint_run_id, clear_run,
+                                              list_checkpoints, load_state, new_run_id, read_run, resolve_resume,
+                                              rng_state, save_checkpoint, save_state, set_rng_state, write_run)
 from spatial_forcing.train.config import TrainConfig
 
 
@@ -44,38 +48,56 @@ class TrainingError(RuntimeError):
 # Checks before heavy work
 # ------------------------------------------------------------------------------------------------
 
-def open_source(path: str, standardize: str = "libero") -> Any:
-    """A LeRobot v3 folder (``meta/info.json``) or an RLDS folder (``dataset_info.json``)."""
+def open_source(path: str, standardize: str = "libero", intrinsics: dict[str, Any] | None = None) -> Any:
+    """A LeRobot v3 folder (``meta/info.json``) or an RLDS folder (``dataset_info.json``). `intrinsics`:
+    camera -> 3x3 pixel matrix (or a .json/.npy file) for a LeRobot dataset that records none."""
     from spatial_forcing.data.lerobot import LeRobotEpisodeSource
+    from spatial_forcing.data.lerobot.reader import read_intrinsics
     from spatial_forcing.data.rlds import RLDSEpisodeSource
 
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset: {root} is not a folder")
     if (root / "meta" / "info.json").is_file():
-        return LeRobotEpisodeSource(root, standardize=standardize or None)
+        return LeRobotEpisodeSource(root, standardize=standardize or None, intrinsics=read_intrinsics(intrinsics or {}))
+    if intrinsics:
+        raise ValueError(f"intrinsics: {root} is not a LeRobot dataset (only LeRobot datasets take given intrinsics)")
     if any(root.rglob("dataset_info.json")):
         return RLDSEpisodeSource(root, standardize=standardize or None)
     raise ValueError(f"dataset: {root} is neither a LeRobot v3 dataset (meta/info.json) nor RLDS (dataset_info.json)")
 
 
-def _policy_config(cfg: TrainConfig) -> Any:
-    from spatial_forcing.policies.oft.config import PRESETS, OFTConfig
+def select_episodes(spec: str, count: int) -> list[int]:
+    """Episodes of a `count`-episode dataset named by `spec`: "all", "A:B" (A..B-1) or "i,j,k"."""
+    text = str(spec).strip()
+    try:
+        if text == "all":
+            chosen = list(range(count))
+        elif ":" in text:
+            a, b = (int(x) for x in text.split(":"))
+            chosen = list(range(a, b))
+        else:
+            chosen = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"episodes {spec!r}: expected 'all', 'A:B' or comma-separated indices") from None
+    bad = [e for e in chosen if not 0 <= e < count]
+    if not chosen or bad or len(set(chosen)) != len(chosen):
+        raise ValueError(f"episodes {spec!r}: expected distinct indices in 0..{count - 1} (the dataset has {count} "
+                         f"episodes), found {'none' if not chosen else bad or 'repeats'}")
+    return chosen
 
-    if cfg.policy in PRESETS:
-        return OFTConfig.preset(cfg.policy, **cfg.policy_overrides)
-    folder = Path(cfg.policy)
-    if (folder / "config.json").is_file():
-        d = json.loads((folder / "config.json").read_text())
-        if d.get("model_type") == "oft":
-            return OFTConfig.from_dict({k: v for k, v in d.items() if k != "model_type"})
-    return None  # upstream checkpoint or hub id: checked when loaded
+
+def policy_spec(cfg: TrainConfig) -> Any:
+    """The run's `PolicySpec` from its preset or checkpoint files (None for a hub id: checked when loaded)."""
+    from spatial_forcing.policies.registry import policy_spec as spec_of
+
+    return spec_of(cfg.policy, cfg.policy_overrides)
 
 
 def validate_config(cfg: TrainConfig) -> Any:
     """Fail in the first seconds, before any model is loaded: layer index, teacher weights or cache,
     cameras, batch divisibility. Returns the opened dataset."""
-    pcfg = _policy_config(cfg)
+    pcfg = policy_spec(cfg)
     if pcfg is not None:
         if cfg.sf:
             n = pcfg.num_layers
@@ -84,30 +106,44 @@ def validate_config(cfg: TrainConfig) -> Any:
                                  f"{cfg.policy} has {n} layers (valid: 0..{n}, or negative from the end)")
         if len(cfg.cameras) != pcfg.num_images:
             raise ValueError(f"cameras {cfg.cameras}: the policy takes {pcfg.num_images} images")
-    if cfg.sf and cfg.teacher == "vggt" and not cfg.teacher_cache:
+        if pcfg.action_convention == "raw" and cfg.standardize == "libero":
+            raise ValueError(f"standardize 'libero' rewrites the gripper as OpenVLA-OFT's 1 = open / 0 = close, but "
+                             f"{cfg.policy} predicts actions in the dataset's own units (action convention 'raw'): "
+                             f"pass --standardize ''")
+    stored = bool(cfg.teacher_cache) and cfg.teacher_cache != MEMORY  # a store on disk (`sf cache-teacher`)
+    if cfg.sf and cfg.teacher_cache == MEMORY and cfg.data_mode == "stream":
+        raise ValueError("teacher_cache memory: the teacher's grids are kept beside frames decoded into memory; "
+                         "use --data-mode memory or auto, or --teacher-cache '' (online) with --data-mode stream")
+    if cfg.sf and cfg.teacher == "vggt" and not stored:
         w = Path(cfg.teacher_weights) if cfg.teacher_weights else None
         if w is None or not w.exists():
             raise FileNotFoundError(f"teacher vggt: weights {cfg.teacher_weights!r} not found (expected model.pt, "
                                     f"a .safetensors file or a folder of facebook/VGGT-1B)")
-    world = distributed.world_from_env()
-    if cfg.global_batch_size and cfg.global_batch_size % (cfg.batch_size * world):
-        raise ValueError(f"global_batch_size {cfg.global_batch_size} does not divide into batch_size "
-                         f"{cfg.batch_size} per process x {world} processes")
+    cfg.accumulation(distributed.world_from_env())  # refuses a global batch that does not divide
     if not cfg.dataset:
         raise ValueError("dataset: no dataset given (--dataset PATH)")
-    source = open_source(cfg.dataset, cfg.standardize)
+    source = open_source(cfg.dataset, cfg.standardize, cfg.intrinsics)
     missing = [c for c in cfg.cameras if c not in source.cameras]
     if missing:
         raise ValueError(f"dataset {cfg.dataset} has no camera {missing}; it has {source.cameras}")
     no_depth = [c for c in cfg.cameras if DEPTH + c not in getattr(source, "features", {})]
-    if cfg.sf and cfg.teacher == "geometry" and not cfg.teacher_cache and no_depth:
+    if cfg.sf and cfg.teacher == "geometry" and not stored and no_depth:
         raise ValueError(f"teacher geometry needs metric depth, and {cfg.dataset} has none for cameras {no_depth}")
-    if cfg.val_episodes >= source.num_episodes:
+    no_k = [c for c in cfg.cameras if INTRINSICS + c not in getattr(source, "features", {})]
+    if cfg.sf and cfg.teacher == "geometry" and not stored and no_k:
+        raise ValueError(f"teacher geometry needs camera intrinsics, and {cfg.dataset} records none for cameras {no_k} "
+                         f"(LeRobot's own datasets do not): pass --intrinsic CAMERA=K.json, the 3x3 pixel matrix of "
+                         f"the dataset's frames")
+    chosen = select_episodes(cfg.episodes, source.num_episodes)
+    if cfg.val_episodes >= len(chosen):
         raise ValueError(f"val_episodes {cfg.val_episodes} leaves no training episode "
-                         f"({source.num_episodes} in {cfg.dataset})")
-    if cfg.sf and cfg.teacher_cache:
+                         f"({len(chosen)} selected of the {source.num_episodes} in {cfg.dataset})")
+    if cfg.sf and stored:
         open_teacher_cache(cfg, source, pcfg.image_size if pcfg is not None else None)
     return source
+
+
+MEMORY = "memory"  # teacher_cache: the teacher's grids of every frame computed once and kept in memory
 
 
 def open_teacher_cache(cfg: TrainConfig, source: Any, image_size: int | None) -> Any:
@@ -117,8 +153,21 @@ def open_teacher_cache(cfg: TrainConfig, source: Any, image_size: int | None) ->
     folder = default_location(cfg.dataset, cfg.teacher) if cfg.teacher_cache == "auto" else Path(cfg.teacher_cache)
     cache = TeacherCache(folder)
     lengths = [source.episode_length(e) for e in range(source.num_episodes)]
-    cache.check(cfg.teacher, cfg.cameras, image_size if image_size is not None else cache.meta["image_size"], lengths)
+    cache.check(cfg.teacher, cfg.cameras, image_size if image_size is not None else cache.meta["image_size"], lengths,
+                layer=cfg.align.teacher_layer)
     return cache
+
+
+def teacher_options(cfg: TrainConfig, image_size: int | None = None, grid: int | None = None) -> dict[str, Any]:
+    """What the run asks of its teacher besides weights: the VGGT block pair `align.teacher_layer`
+    (the geometry teacher has no layers; TrainConfig refuses another value for it). The geometry teacher
+    gets the patch that tiles the student's side into the student's grid at the aligned layer (when one
+    does), so its cells are the student's cells."""
+    if cfg.teacher == "vggt":
+        return {"layer": cfg.align.teacher_layer}
+    if cfg.teacher == "geometry" and image_size and grid and image_size % grid == 0:
+        return {"patch_size": image_size // grid}
+    return {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,24 +175,17 @@ def open_teacher_cache(cfg: TrainConfig, source: Any, image_size: int | None) ->
 # ------------------------------------------------------------------------------------------------
 
 def build_policy(cfg: TrainConfig, stats: Any) -> Any:
-    """An OFTPolicy: a preset initialised at random, or a checkpoint (this project's or upstream)."""
-    from spatial_forcing.policies.oft.config import PRESETS, OFTConfig
-    from spatial_forcing.policies.oft.model import OFTModel
-    from spatial_forcing.policies.oft.policy import OFTPolicy
-    from spatial_forcing.policies.oft.processor import OFTProcessor, load_tokenizer
+    """The student: a preset of any registered family initialised at random, or a checkpoint (this
+    project's or upstream) that then normalises with the training data's statistics."""
+    from spatial_forcing.policies.registry import create_policy, load_policy, preset_family
 
-    if cfg.policy in PRESETS:
-        config = OFTConfig.preset(cfg.policy, **cfg.policy_overrides)
-        if config.tokenizer != "bytes":
-            raise ValueError(f"policy preset {cfg.policy!r} needs its tokenizer files: pass the checkpoint "
-                             f"folder or hub id (e.g. openvla/openvla-7b) instead of the preset name")
-        model = OFTModel(config)
-        policy = OFTPolicy(model, OFTProcessor(config, load_tokenizer("bytes")), {"train": stats}, "train")
-    else:
-        policy = OFTPolicy.from_pretrained(cfg.policy, **cfg.policy_overrides)
-        policy.stats = {"train": stats}
-        policy.unnorm_key = "train"
-    policy.processor.stats = stats
+    if preset_family(cfg.policy) is not None:
+        return create_policy(cfg.policy, stats, cfg.policy_overrides, stats_key="train")
+    policy = load_policy(cfg.policy, **cfg.policy_overrides)
+    policy.stats = {"train": stats}
+    policy.unnorm_key = "train"
+    if hasattr(policy, "processor"):
+        policy.processor.stats = stats
     return policy
 
 
@@ -157,8 +199,10 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.
             return (step + 1) / warm
         if cfg.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warm) / max(1, cfg.max_steps - warm))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        end = cfg.decay_steps or cfg.max_steps
+        progress = min(1.0, (step - warm) / max(1, end - warm))
+        floor = cfg.min_lr / cfg.lr
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -175,21 +219,26 @@ class StepInputs:
     teacher: dict[str, torch.Tensor]
 
 
-def prepare_batch(batch: dict, cameras: list[str], processor: Any, device: torch.device) -> StepInputs:
+def prepare_batch(batch: dict, cameras: list[str], policy: Any, device: torch.device) -> StepInputs:
     """A collated pipeline batch -> the policy's inputs and the teacher's (images, depth, intrinsics)."""
     images = stack_views(batch, IMAGE, cameras).to(device, non_blocking=True).float().div_(255.0)  # [B,V,3,S,S]
-    inputs = {"pixel_values": processor.pixel_values_batch(images)}
-    inputs.update(processor.text_inputs(list(batch[TASK])))
-    if processor.config.use_proprio:
-        inputs["proprio"] = batch[STATE].float()
-    inputs["actions"] = batch[ACTION].float()
+    inputs = policy.training_inputs(images, list(batch[TASK]), batch[STATE], batch[ACTION])
     teacher = {"images": images}
+    pad = stack_views(batch, PAD_MASK, cameras)  # letterbox masks of the dataset, if it has them
+    pad = None if pad is None else pad.to(device, non_blocking=True).bool()
+    if pad is not None:
+        inputs["pad_mask"] = pad  # a family that aligns masked tokens hands it back in PolicyOutput
+    present = policy.slot_mask(images)  # absent cameras: the teacher sees them white (VGGT's padding)
+    if present is not None and not bool(present.all()):
+        blank = present[:, :, None, None].expand(-1, -1, *images.shape[-2:])
+        pad = blank if pad is None else pad & blank
+    if pad is not None:
+        teacher["pad_mask"] = pad
     for key, prefix in (("depth", DEPTH), ("intrinsics", INTRINSICS)):
         value = stack_views(batch, prefix, cameras)
         if value is not None:
-            teacher[key] = value
-    move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
-    return StepInputs(move(inputs), move(teacher))
+            teacher[key] = value.to(device, non_blocking=True)
+    return StepInputs(inputs, teacher)
 
 
 def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -218,7 +267,8 @@ class TrainModule(nn.Module):
         out = self.model(inputs, align_layer=self.layer if align_on else None)
         loss, metrics = out.action_loss, dict(out.metrics)
         if align_on:
-            align, sf_metrics = self.sf(out.visual_hidden, grid.feats, grid.valid)
+            align, sf_metrics = self.sf(out.visual_hidden, grid.feats, grid.valid, slot_mask=out.slot_mask,
+                                        pad_mask=out.pad_mask)
             loss = loss + self.coeff * align
             metrics.update(sf_metrics)
         metrics["loss"] = loss.detach()
@@ -226,9 +276,17 @@ class TrainModule(nn.Module):
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, resume: str | None = None, progress: bool = True) -> None:
+    """One training run into `config.output_dir`. `resume`: "latest" or a checkpoint folder of the same
+    run; `overwrite`: replace what another run left in the folder (checkpoints, logs). The folder is
+    bound to the run (run.json) and locked (run.lock) when the run starts writing: `fit()` or `save()`."""
+
+    def __init__(self, config: TrainConfig, resume: str | None = None, progress: bool = True,
+                 overwrite: bool = False, frames: Any = None) -> None:
+        """`frames`: a `data.memory.FrameStore` of this dataset already decoded (several runs on one
+        dataset, e.g. the quickstart and `sf study`, decode it once); used when the run trains in memory."""
         source = validate_config(config)
         self.cfg = config
+        self.frames = frames
         self.resume_from = resolve_resume(resume, config.output_dir) if resume else None
         if self.resume_from is not None:
             saved = TrainConfig.load(self.resume_from / "train_config.json").to_dict()
@@ -236,11 +294,21 @@ class Trainer:
             if diff:
                 raise ValueError(f"--resume {self.resume_from}: the run was configured differently ({diff}); "
                                  f"resume with the saved configuration (train_config.json)")
+        bound = read_run(config.output_dir)
+        if self.resume_from is None:
+            self.run_id = new_run_id()
+        else:  # the run keeps its id (a checkpoint of an older version has none: the folder's, or a new one)
+            self.run_id = checkpoint_run_id(self.resume_from) or (bound["run_id"] if bound else new_run_id())
+        self.overwrite = overwrite
+        check_output_dir(config.output_dir, self.run_id, self.resume_from, overwrite)
+        self._lock = RunLock(config.output_dir)
+        if os.environ.get("RANK", "0") == "0":  # another process training into the folder: refused before building
+            self._lock.check()
+        self._bound = False
         self.ctx = distributed.init("cuda" if self._wants_cuda() else "cpu")
         self.progress = progress and self.ctx.main
         self.device = self._device()
-        self.grad_accum = (config.global_batch_size // (config.batch_size * self.ctx.world)
-                           if config.global_batch_size else config.grad_accum)
+        self.grad_accum = config.accumulation(self.ctx.world)
         self._build(source)
 
     def _wants_cuda(self) -> bool:
@@ -257,6 +325,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- construction
     def _build(self, source: Any) -> None:
+        from spatial_forcing.data.augment import AugmentConfig
         from spatial_forcing.data.dataset import ChunkedDataset, PipelineConfig
         from spatial_forcing.data.sampler import ResumableSampler
         from spatial_forcing.data.stats import cached_statistics
@@ -267,34 +336,52 @@ class Trainer:
         np.random.seed(cfg.seed)
         self.stats = cached_statistics(source)
         self.policy = build_policy(cfg, self.stats)
-        pcfg = self.policy.config
+        pcfg = self.policy.spec
         self.teacher = self.sf = self.cache = None
         if cfg.sf:
-            if cfg.teacher_cache:
+            if cfg.teacher_cache and cfg.teacher_cache != MEMORY:
                 self.cache = open_teacher_cache(cfg, source, pcfg.image_size)
                 teacher_dim = int(self.cache.meta["dim"])
             else:
-                self.teacher = build_teacher(cfg.teacher, cfg.teacher_weights or None).to(self.device).freeze()
+                options = teacher_options(cfg, pcfg.image_size, self.policy.visual_grid(cfg.align.student_layer))
+                self.teacher = build_teacher(cfg.teacher, cfg.teacher_weights or None, **options).to(self.device).freeze()
                 teacher_dim = self.teacher.dim
-            self.sf = SpatialForcing(cfg.align, pcfg.hidden_size, teacher_dim)
-        n = source.num_episodes
+            self.sf = SpatialForcing(cfg.align, self.policy.visual_dim(cfg.align.student_layer), teacher_dim)
+        chosen = select_episodes(cfg.episodes, source.num_episodes)
         pipe = PipelineConfig(chunk_len=pcfg.chunk_len, chunk_mode=cfg.chunk_mode, image_size=pcfg.image_size,
-                              augment=cfg.augment, norm_type=pcfg.norm_type, seed=cfg.seed,
+                              augment=cfg.augment, augment_config=AugmentConfig(color=cfg.color_jitter),
+                              norm_type=pcfg.norm_type, seed=cfg.seed,
                               depth=self.teacher is not None and self.teacher.needs_depth)
-        self.dataset = ChunkedDataset(source, self.stats, pipe, cameras=cfg.cameras,
-                                      episodes=list(range(n - cfg.val_episodes)), teacher_cache=self.cache)
+        val_pipe = PipelineConfig(chunk_len=pcfg.chunk_len, chunk_mode=cfg.chunk_mode, image_size=pcfg.image_size,
+                                  augment=False, norm_type=pcfg.norm_type, depth=False, seed=cfg.seed)
+        cut = len(chosen) - cfg.val_episodes
+        train_eps, val_eps = chosen[:cut], chosen[cut:]
+        self.in_memory = self._in_memory(source, pipe)
+        self.val_dataset = None
+        if self.in_memory:
+            from spatial_forcing.data.memory import FrameStore, MemoryBatches
+
+            store = self.frames
+            if store is None or not self._store_fits(store, pipe):
+                store = FrameStore(source, cfg.cameras, pcfg.image_size, depth=pipe.depth, progress=self.progress,
+                                   dataset=cfg.dataset)
+            self.frames = store
+            grids = None
+            if cfg.sf and cfg.teacher_cache == MEMORY:  # the teacher once per frame; batches crop its grids
+                grids = store.teacher_grids(self.teacher, self.device, progress=self.progress)
+                pipe = dataclasses.replace(pipe, depth=False)
+            self.dataset = MemoryBatches(store, self.stats, pipe, episodes=train_eps, grids=grids)
+            if val_eps:
+                self.val_dataset = MemoryBatches(store, self.stats, val_pipe, episodes=val_eps)
+        else:
+            self.dataset = ChunkedDataset(source, self.stats, pipe, cameras=cfg.cameras, episodes=train_eps,
+                                          teacher_cache=self.cache)
+            if val_eps:
+                self.val_dataset = ChunkedDataset(source, self.stats, val_pipe, cameras=cfg.cameras, episodes=val_eps)
         self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, rank=self.ctx.rank,
                                         world_size=self.ctx.world)
-        self.val_dataset = None
-        if cfg.val_episodes:
-            val_pipe = PipelineConfig(chunk_len=pcfg.chunk_len, chunk_mode=cfg.chunk_mode, image_size=pcfg.image_size,
-                                      augment=False, norm_type=pcfg.norm_type, depth=False, seed=cfg.seed)
-            self.val_dataset = ChunkedDataset(source, self.stats, val_pipe, cameras=cfg.cameras,
-                                              episodes=list(range(n - cfg.val_episodes, n)))
         if cfg.lora_rank:
-            from spatial_forcing.policies.oft.weights import apply_lora
-
-            self.model = apply_lora(self.policy.model, r=cfg.lora_rank, alpha=cfg.lora_alpha)
+            self.model = type(self.policy).apply_lora(self.policy.model, r=cfg.lora_rank, alpha=cfg.lora_alpha)
         else:
             self.model = self.policy.model
         self.autocast = (self.device.type == "cuda" and cfg.precision in ("auto", "bf16")) or cfg.precision == "bf16"
@@ -309,7 +396,8 @@ class Trainer:
         self.module = TrainModule(self.model, self.sf, cfg.align.coeff, cfg.align.student_layer).to(self.device)
         self.wrapped = distributed.wrap(self.module, cfg.parallel, self.ctx, self.device)
         self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.step = 0
         self.consumed = 0
@@ -318,13 +406,53 @@ class Trainer:
         if self.resume_from is not None:
             self._load_training_state(self.resume_from)
 
+    def _in_memory(self, source: Any, pipe: Any) -> bool:
+        """Whether this run trains from decoded frames in memory (`data_mode`; "auto": when they take at
+        most `memory_gb` and no teacher cache is read)."""
+        from spatial_forcing.data.memory import estimate_bytes
+
+        cfg = self.cfg
+        if cfg.data_mode == "stream":
+            return False
+        if cfg.teacher_cache and cfg.teacher_cache != MEMORY and cfg.sf:
+            if cfg.data_mode == "memory":
+                raise ValueError("data_mode memory: a teacher cache on disk is read by the streaming pipeline; "
+                                 "use --data-mode stream (or auto) with it, or --teacher-cache memory")
+            return False
+        frames = sum(source.episode_length(e) for e in range(source.num_episodes))
+        need = estimate_bytes(frames, len(cfg.cameras), pipe.image_size, pipe.depth)
+        if cfg.data_mode == "memory":
+            return True
+        if need > cfg.memory_gb * 1e9 and cfg.sf and cfg.teacher_cache == MEMORY:
+            raise ValueError(f"teacher_cache memory: the decoded frames need {need / 1e9:.1f} GB, more than memory_gb "
+                             f"{cfg.memory_gb:g}; raise --memory-gb or build a cache on disk with sf cache-teacher")
+        return need <= cfg.memory_gb * 1e9
+
+    def _store_fits(self, store: Any, pipe: Any) -> bool:
+        """A store handed in is used only if it holds this dataset's every episode as this run needs it."""
+        return (store.dataset == str(Path(self.cfg.dataset).resolve()) and store.cameras == list(self.cfg.cameras)
+                and store.image_size == pipe.image_size and (store.depth is not None or not pipe.depth)
+                and store.episodes == list(range(store.source.num_episodes)))
+
     def _make_loader(self, start: int) -> Any:
         """The training loader, `start` samples (of this rank) into the (infinite, seeded) order."""
         from spatial_forcing.data.dataset import make_loader
 
         self.sampler.start = start
+        if self.in_memory:
+            return self._memory_batches(start)
         return make_loader(self.dataset, self.sampler, batch_size=self.cfg.batch_size,
                            num_workers=self.cfg.num_workers)
+
+    def _memory_batches(self, start: int) -> Any:
+        """Batches built in this process; each batch's augmentation is drawn from a generator seeded by the
+        run's seed, this rank and the batch's position in the order, so a resumed run continues exactly."""
+        order, position, size = iter(self.sampler), start, self.cfg.batch_size
+        while True:
+            indices = [next(order) for _ in range(size)]
+            g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.ctx.rank) * 1_000_003 + position)
+            position += size
+            yield self.dataset.batch(indices, g)
 
     # ---------------------------------------------------------------- one step
     def teacher_grid(self, batch: dict, teacher_inputs: dict[str, torch.Tensor]) -> TeacherGrid | None:
@@ -340,7 +468,7 @@ class Trainer:
 
     def loss_on(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-batch and its metrics (detached tensors: no host sync here)."""
-        inputs = prepare_batch(batch, self.cfg.cameras, self.policy.processor, self.device)
+        inputs = prepare_batch(batch, self.cfg.cameras, self.policy, self.device)
         grid = self.teacher_grid(batch, inputs.teacher)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return self.wrapped(inputs.policy, grid)
@@ -387,10 +515,12 @@ class Trainer:
         self.wrapped.eval()
         n = min(len(self.val_dataset), max_samples)
         idx = np.linspace(0, len(self.val_dataset) - 1, n).round().astype(int).tolist()
-        loader = DataLoader(torch.utils.data.Subset(self.val_dataset, idx), batch_size=self.cfg.batch_size)
+        bs = self.cfg.batch_size
+        loader = ([self.val_dataset.batch(idx[i:i + bs]) for i in range(0, n, bs)] if self.in_memory else
+                  DataLoader(torch.utils.data.Subset(self.val_dataset, idx), batch_size=bs))
         sums = torch.zeros(2, device=self.device)
         for batch in loader:
-            inputs = prepare_batch(batch, self.cfg.cameras, self.policy.processor, self.device)
+            inputs = prepare_batch(batch, self.cfg.cameras, self.policy, self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss, metrics = self.wrapped(inputs.policy, None)
             k = len(batch[ACTION])
@@ -412,10 +542,14 @@ class Trainer:
         if self.cache is not None:
             return {"teacher_input": f"cached features of un-augmented frames ({self.cache.folder}), each grid cropped "
                                      f"with the pixels' crop box; colour jitter does not reach the teacher"}
+        if self.cfg.teacher_cache == MEMORY:
+            return {"teacher_input": "the teacher's grid of every un-augmented frame, computed once in memory, each "
+                                     "cropped with the pixels' crop box; colour jitter does not reach the teacher"}
         return {"teacher_input": "the student's augmented pixels (online teacher)"}
 
     def save(self) -> Path:
         """Write a checkpoint (rank 0 writes; under FSDP every rank takes part in gathering it)."""
+        self.bind()
         sharded = distributed.is_sharded(self.wrapped)
         state = distributed.full_model_state(self.wrapped) if sharded else None
         optim = (distributed.full_optimizer_state(self.wrapped, self.optimizer) if sharded
@@ -424,7 +558,7 @@ class Trainer:
         path = None
         if self.ctx.main:
             path = save_checkpoint(self.cfg.output_dir, self.step, lambda folder: self._write(folder, state, optim, rngs),
-                                   self.cfg.keep_last)
+                                   self.cfg.keep_last, run_id=self.run_id)
         distributed.barrier()
         return Path(distributed.broadcast_object(str(path)))
 
@@ -445,14 +579,52 @@ class Trainer:
             projector = ({k[len("sf.projector."):]: v for k, v in state.items() if k.startswith("sf.projector.")}
                          if state is not None else self.sf.projector.state_dict())
             save_file(cpu(projector), str(folder / "align_projector.safetensors"))
-        torch.save({"step": self.step, "consumed": self.consumed, "optimizer": optim,
-                    "optimizer_format": "fqn" if state is not None else "torch",
-                    "scheduler": self.scheduler.state_dict(), "rng": rngs,
-                    "sampler": self.sampler.state_dict(self.consumed)}, folder / "trainer_state.pt")
+        save_state(folder, {"step": self.step, "consumed": self.consumed, "optimizer": optim,
+                            "optimizer_format": "fqn" if state is not None else "torch",
+                            "scheduler": self.scheduler.state_dict(), "rng": rngs,
+                            "sampler": self.sampler.state_dict(self.consumed)})
+
+    def bind(self) -> None:
+        """Claim the output folder for this run before writing into it: take its lock (a second process
+        is refused), check again that no other run took it meanwhile, clear another run's files if
+        `overwrite`, and record the run id (run.json). Rank 0 does it; every rank gets the verdict."""
+        if self._bound:
+            return
+        problem = None
+        if self.ctx.main:
+            try:
+                self._lock.acquire()
+                check_output_dir(self.cfg.output_dir, self.run_id, self.resume_from, self.overwrite)
+                bound = read_run(self.cfg.output_dir)
+                if self.overwrite and (bound is None or bound["run_id"] != self.run_id):
+                    clear_run(self.cfg.output_dir)
+                    bound = None
+                if bound is None:
+                    write_run(self.cfg.output_dir, self.run_id)
+            except UserError as exc:
+                self._lock.release()
+                problem = str(exc)
+        problem = distributed.broadcast_object(problem)
+        if problem:
+            raise UserError(problem)
+        self._bound = True
+
+    def release(self) -> None:
+        """Let another process have the folder (the end of `fit()`; also when the process ends)."""
+        self._lock.release()
+        self._bound = False
 
     def _load_weights(self, folder: Path) -> None:
         """Trained weights of a checkpoint into the (not yet wrapped) model and projector."""
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as _load_file
+
+        def load_file(path: str) -> dict[str, torch.Tensor]:
+            try:
+                return _load_file(path)
+            except (SafetensorError, OSError) as exc:
+                raise UserError(f"{path}: expected a readable safetensors file, found a damaged or missing one "
+                                f"({exc})") from None
 
         if self.cfg.lora_rank:
             trained = load_file(str(folder / "trainable.safetensors"))
@@ -469,7 +641,11 @@ class Trainer:
             self.sf.projector.load_state_dict(load_file(str(folder / "align_projector.safetensors")))
 
     def _load_training_state(self, folder: Path) -> None:
-        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        state = load_state(folder)  # JSON + safetensors: nothing in a checkpoint can run code
+        missing = [k for k in ("step", "consumed", "optimizer", "optimizer_format", "scheduler", "rng", "sampler")
+                   if k not in state]
+        if missing:
+            raise UserError(f"{folder}: the training state lacks {missing}; it cannot be resumed")
         self.sampler.load_state_dict(state["sampler"])  # refuses another world size first
         if state["optimizer_format"] == "fqn":
             distributed.load_optimizer_state(self.wrapped, self.optimizer, state["optimizer"])
@@ -481,10 +657,18 @@ class Trainer:
 
     # ---------------------------------------------------------------- the run
     def fit(self) -> dict[str, Any]:
+        """Train to `max_steps` with the output folder bound and locked for the whole run."""
+        self.bind()
+        try:
+            return self._fit()
+        finally:
+            self.release()
+
+    def _fit(self) -> dict[str, Any]:
         from spatial_forcing.train.logging import RunLogger
 
         cfg = self.cfg
-        logger = RunLogger(cfg, enabled=cfg.logger if self.ctx.main else "none", jsonl=self.ctx.main)
+        logger = RunLogger(cfg, enabled=cfg.logger if self.ctx.main else "none", jsonl=self.ctx.main, run_id=self.run_id)
         loader = iter(self._make_loader(self.consumed))
         bar = None
         if self.progress:

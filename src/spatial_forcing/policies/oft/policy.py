@@ -14,62 +14,103 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..base import PolicyOutput
-from .config import OFTConfig
+from ...data.normalize import STATS_FILE, DatasetStats, load_dataset_statistics, save_dataset_statistics
+from ..base import Policy, PolicyOutput, PolicySpec
+from ..registry import resolve_checkpoint
+from .config import PLATFORMS, PRESETS, OFTConfig
 from .model import OFTModel
-from ...data.normalize import STATS_FILE, DatasetStats, load_dataset_statistics, save_dataset_statistics, select_stats
 from .processor import OFTProcessor, load_tokenizer
-from .weights import ConversionReport, build_model, load_model, load_upstream_model, save_model
+from .weights import ConversionReport, apply_lora, build_model, load_model, load_upstream_model, save_model
+
+__all__ = ["OFTPolicy", "resolve_checkpoint"]
 
 
-def resolve_checkpoint(path_or_id: str | Path, allow_download: bool = True) -> Path:
-    """A local folder as is; otherwise a Hugging Face hub id, downloaded with huggingface_hub."""
-    path = Path(path_or_id).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"{path}: expected a checkpoint folder, found a file")
-        return path
-    text = str(path_or_id)
-    if not allow_download or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"{path_or_id}: no such checkpoint folder (and not a hub id of the form owner/name)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=text))
-    except Exception as exc:  # offline, gated, missing repo: say what was tried
-        raise FileNotFoundError(f"{text}: not a local folder, and downloading it from the Hugging Face hub failed "
-                                f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+def _spec(cfg: OFTConfig, center_crop: bool) -> PolicySpec:
+    return PolicySpec(family="oft", image_size=cfg.image_size, num_images=cfg.num_images,
+                      state_dim=cfg.proprio_dim if cfg.use_proprio else 0, chunk_len=cfg.chunk_len,
+                      action_dim=cfg.action_dim, norm_type=cfg.norm_type, center_crop=bool(center_crop),
+                      action_convention="oft", num_layers=cfg.num_layers)
 
 
-class OFTPolicy(nn.Module):
+class OFTPolicy(Policy):
     """OpenVLA-OFT policy: `model` (OFTModel), `processor` (images, prompt, proprio), `stats`
     (dataset statistics by name; `unnorm_key` picks the default entry)."""
 
+    family = "oft"
     action_convention = "oft"  # LIBERO: gripper 1 = open, 0 = close (the env wants -1 open, +1 close)
+    PRESETS = PRESETS
+    MODEL_TYPES = ("oft", "openvla")
 
     def __init__(self, model: OFTModel, processor: OFTProcessor, stats: dict[str, DatasetStats] | None = None,
                  unnorm_key: str | None = None) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model, stats, unnorm_key)
         self.processor = processor
-        self.stats = dict(stats or {})
-        self.unnorm_key = unnorm_key
         self.conversion_report: ConversionReport | None = None
-        if unnorm_key is not None:
-            select_stats(self.stats, unnorm_key)  # fail early on an unknown key
 
     @property
     def config(self) -> OFTConfig:
         return self.model.config
 
     # -- the student protocol ------------------------------------------------------------------
-    def forward(self, batch: dict, align_layer: int | None = None) -> PolicyOutput:
-        return self.model(batch, align_layer=align_layer)
+    @property
+    def spec(self) -> PolicySpec:
+        return _spec(self.config, self.processor.center_crop)
 
-    def dataset_stats(self, unnorm_key: str | None = None) -> DatasetStats:
-        if not self.stats:
-            raise ValueError("this policy has no dataset statistics (dataset_statistics.json) to (un)normalise with")
-        return select_stats(self.stats, unnorm_key if unnorm_key is not None else self.unnorm_key)[1]
+    def visual_dim(self, layer: int) -> int:
+        return self.config.hidden_size  # every Llama layer has the same width
+
+    def visual_grid(self, layer: int) -> int:
+        return self.config.grid_size  # one token per patch at every layer
+
+    def training_inputs(self, images01: torch.Tensor, tasks: list[str], state: torch.Tensor,
+                        actions: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = images01.device
+        inputs = {"pixel_values": self.processor.pixel_values_batch(images01)}
+        inputs.update({k: v.to(device) for k, v in self.processor.text_inputs(list(tasks)).items()})
+        if self.config.use_proprio:
+            inputs["proprio"] = state.to(device).float()
+        inputs["actions"] = actions.to(device).float()
+        return inputs
+
+    @classmethod
+    def create(cls, preset: str, stats: DatasetStats, overrides: dict | None = None,
+               stats_key: str = "train") -> "OFTPolicy":
+        config = OFTConfig.preset(preset, **(overrides or {}))
+        if config.tokenizer != "bytes":
+            raise ValueError(f"policy preset {preset!r} needs its tokenizer files: pass the checkpoint "
+                             f"folder or hub id (e.g. openvla/openvla-7b) instead of the preset name")
+        processor = OFTProcessor(config, load_tokenizer("bytes"))
+        processor.stats = stats
+        return cls(OFTModel(config), processor, {stats_key: stats}, stats_key)
+
+    @classmethod
+    def preset_spec(cls, preset: str, overrides: dict | None = None) -> PolicySpec:
+        config = OFTConfig.preset(preset, **(overrides or {}))
+        return _spec(config, config.center_crop)
+
+    @classmethod
+    def describe(cls, folder: Path) -> tuple[PolicySpec, list[str]]:
+        folder = Path(folder)
+        cfg_file = folder / "config.json"
+        raw = json.loads(cfg_file.read_text())
+        if raw.get("model_type") == "oft":
+            cfg = OFTConfig.load(cfg_file)
+            proc_file = folder / "processor_config.json"
+            crop = json.loads(proc_file.read_text()).get("center_crop", cfg.center_crop) if proc_file.is_file() \
+                else cfg.center_crop
+        else:  # upstream "openvla": what from_pretrained(platform="libero") builds (weights.py)
+            head = any(folder.glob("action_head--*checkpoint.pt"))
+            proprio = any(folder.glob("proprio_projector--*checkpoint.pt")) or not head
+            lib = {**PLATFORMS["libero"], "image_size": int((raw.get("image_sizes") or [224])[0])}
+            cfg = OFTConfig(**lib, use_proprio=proprio)
+            crop = True
+        stats_file = folder / STATS_FILE
+        keys = sorted(load_dataset_statistics(stats_file)) if stats_file.is_file() else []
+        return _spec(cfg, crop), keys
+
+    @classmethod
+    def apply_lora(cls, model: torch.nn.Module, r: int, alpha: int | None = None) -> torch.nn.Module:
+        return apply_lora(model, r=r, alpha=alpha)
 
     @torch.no_grad()
     def predict_action_chunk(self, observation: dict, unnorm_key: str | None = None,
@@ -83,6 +124,19 @@ class OFTPolicy(nn.Module):
                  for k, v in batch.items()}
         actions = self.model.predict_normalized(batch, generator=generator)[0]
         return self.processor.unnormalize_actions(actions, stats)
+
+    @torch.no_grad()
+    def predict_action_chunks(self, observations: list[dict], unnorm_key: str | None = None) -> list[np.ndarray]:
+        """One forward pass for several observations (the same numbers as one by one, up to batching)."""
+        if len(observations) == 1:
+            return [self.predict_action_chunk(observations[0], unnorm_key)]
+        stats = self.dataset_stats(unnorm_key)
+        batch = self.processor(observations, stats=stats)
+        param = next(self.model.parameters())
+        batch = {k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else v.dtype)
+                 for k, v in batch.items()}
+        actions = self.model.predict_normalized(batch)
+        return [self.processor.unnormalize_actions(a, stats) for a in actions]
 
     def with_state(self, state: dict[str, torch.Tensor]) -> "OFTPolicy":
         """A new policy with this one's config, processor and statistics, and the network weights

@@ -1,0 +1,1 @@
+"""The compact convolutional student (`CNNPolicy`): a registered family sized for CPU training."""
