@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -81,3 +83,14 @@ def test_expert_collects_a_readable_dataset(tmp_path):
     assert np.all(depth > 0) and np.all(depth < 10)
     assert np.asarray(f["observation.intrinsics.agentview"]).shape == (3, 3)
     assert np.asarray(f["observation.extrinsics.wrist"]).shape == (4, 4)
+    # the depth is LeRobot 0.6's depth video: the features LeRobot's `meta.depth_keys` lists (`info.is_depth_map`)
+    info = json.loads((out / "meta/info.json").read_text())
+    depth_keys = sorted(k for k, ft in info["features"].items() if (ft.get("info") or {}).get("is_depth_map"))
+    assert depth_keys == ["observation.images.agentview_depth", "observation.images.wrist_depth"]
+    for key in depth_keys:
+        spec = info["features"][key]
+        assert spec["dtype"] == "video" and spec["shape"] == [64, 64, 1]
+        assert (spec["info"]["video.codec"], spec["info"]["video.pix_fmt"], spec["info"]["depth_unit"]) == \
+            ("hevc", "gray12le", "m")
+        assert len(list((out / "videos" / key).rglob("*.mp4"))) == 1
+    assert not [k for k in info["features"] if k.startswith("observation.depth.")]  # no parquet copy

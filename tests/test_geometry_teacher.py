@@ -158,6 +158,28 @@ def test_invalid_depth_marks_expected_patches():
     assert valid_loose[0, 0].tolist() == [[True, True, True], [False, True, True]]
 
 
+def test_no_reading_is_invalid_as_zero_and_as_lerobots_depth_minimum():
+    """A sensor's hole is 0, and LeRobot's depth video decodes it as its lowest code (0.01 m): both are
+    invalid under the default `near`; the next 12-bit code is a valid reading."""
+    import numpy as np
+
+    from spatial_forcing.data.lerobot.depth import DepthQuantizer
+
+    code0, code1 = DepthQuantizer().dequantize(np.array([0, 1], np.uint16)).tolist()
+    assert 0.01 <= code0 < GeometryConfig().near < code1  # 0.0100002 < 0.0105 < 0.01115
+    k = make_k()[None, None].float()
+    depth = torch.full((1, 1, H, W), 2.0)
+    depth[..., :P, :P] = 0.0  # patch (0, 0): no reading
+    depth[..., :P, P:2 * P] = code0  # patch (0, 1): LeRobot's no reading
+    depth[..., :P, 2 * P:3 * P] = code1  # patch (0, 2): the nearest reading its video holds
+    _, valid = GeometryTeacher(patch_size=P).patch_points(depth, k)
+    assert valid[0, 0].tolist() == [[False, False, True], [True, True, True]]
+    _, valid0 = GeometryTeacher(patch_size=P, near=0.0).patch_points(depth, k)
+    assert valid0[0, 0].tolist() == [[False, True, True], [True, True, True]]
+    with pytest.raises(ValueError, match="GeometryConfig.near"):
+        GeometryConfig(near=20.0)
+
+
 def test_pad_mask_marks_expected_patches():
     k = make_k()[None, None].float()
     depth = torch.full((1, 1, H, W), 2.0)
@@ -335,3 +357,40 @@ def test_fit_to_patches_keeps_the_camera():
             assert abs(float(ray_old - ray_new)) < 1e-6
     _, d3, k3, pad, _ = fit_to_patches(images, depth, k, 14, mode="pad")
     assert d3.shape[-2:] == (266, 266) and torch.equal(k3, k) and int(pad.sum()) == 256 * 256
+
+
+def test_teacher_features_refuses_files_that_are_not_what_they_claim(tmp_path, capsys):
+    """`sf teacher-features --teacher geometry` with a view that is no image, or depth / intrinsics files that
+    are not arrays of numbers: one line on stderr naming the file, exit status 2, nothing written."""
+    import numpy as np
+
+    from spatial_forcing.cli import main
+
+    good = dict(zip(*[iter(map(str, _frame_files(tmp_path)))] * 2))  # --images / --depth / --intrinsics
+    (tmp_path / "notes.png").write_text("a text file named like an image\n")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "view.png").read_bytes()[:60])
+    (tmp_path / "notes.npy").write_text("a text file named like an array\n")
+    np.save(tmp_path / "words.npy", np.full((256, 256), "far"))
+    np.save(tmp_path / "objects.npy", np.array([{"depth": 1.5}], dtype=object), allow_pickle=True)
+    (tmp_path / "K.npy").write_bytes(b"\x00garbage")
+    (tmp_path / "cut.json").write_text("[[220.0, 0.0,")
+    (tmp_path / "words.json").write_text('[["fx", 0, 127.5], [0, 220, 127.5], [0, 0, 1]]')
+    depth = "expected a depth map (.npy array of metres)"
+    cases = [("--images", "notes.png", "notes.png: not a readable image"),
+             ("--images", "cut.png", "cut.png: not a readable image"),
+             ("--depth", "notes.npy", f"notes.npy: {depth}, found a file that is not a .npy array"),
+             ("--depth", "words.npy", "words.npy: expected a depth map of real numbers"),
+             ("--depth", "objects.npy", f"objects.npy: {depth}, found an unreadable .npy file"),
+             ("--intrinsics", "K.npy", "K.npy: expected intrinsics"),
+             ("--intrinsics", "cut.json", "cut.json: expected intrinsics as a JSON list of rows"),
+             ("--intrinsics", "words.json", "words.json: expected intrinsics of numbers")]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for option, name, message in cases:
+        argv = [x for k, v in {**good, option: str(tmp_path / name)}.items() for x in (k, v)]
+        assert main(["teacher-features", "--teacher", "geometry", *argv, "--device", "cpu",
+                     "--out", str(tmp_path / "f.safetensors")]) == 2, name
+        out, err = capsys.readouterr()
+        assert err.startswith("sf teacher-features: error: ") and err.count("\n") == 1, err
+        assert message in err, err
+        assert "Traceback" not in out + err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no feature file, nothing else

@@ -153,6 +153,53 @@ def test_depth_input_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- a dataset in LeRobot's exact layout -> our reader
+def add_lerobot_depth_video(root: Path, key: str, source: list[np.ndarray], lengths=LENGTHS) -> list[np.ndarray]:
+    """Add a depth camera to a v3 dataset the way LeRobot 0.6.1 records one (uint16 millimetre frames):
+    `key`'s feature with the info `get_video_info` writes, one continuous HEVC stream with LeRobot's
+    `DepthEncoderConfig` settings (B-frames and all) written here with PyAV, its `videos/<key>/...`
+    columns in the episodes table and its statistics in millimetres. Returns the 12-bit codes."""
+    h, w = source[0].shape
+    codes = [lerobot_quantize(d, "mm") for d in source]
+    path = root / f"videos/{key}/chunk-000/file-000.mp4"
+    path.parent.mkdir(parents=True)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("hevc", FPS, options={**LEROBOT_OPTIONS, "x265-params": "lossless=1:log-level=error"})
+        s.pix_fmt, s.width, s.height, s.time_base = "gray12le", w, h, Fraction(1, FPS)
+        for i, q in enumerate(codes):
+            frame = av.VideoFrame.from_ndarray(q, format="gray12le")
+            frame.pts, frame.time_base = i, Fraction(1, FPS)
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    info_path = root / "meta/info.json"
+    info = json.loads(info_path.read_text())
+    feats = list(info["features"].items())
+    feats.insert(1, (key, {"dtype": "video", "shape": [h, w, 1], "names": ["height", "width", "channels"],
+                           "info": {**LEROBOT_DEPTH_INFO, "video.height": h, "video.width": w}}))
+    info["features"] = dict(feats)
+    info["video_path"] = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+    info_path.write_text(json.dumps(info, indent=4))
+    (episodes_file,) = (root / "meta/episodes").rglob("*.parquet")
+    table = pq.read_table(episodes_file)
+    starts = np.cumsum([0, *lengths])[:-1] / FPS
+    for name, values in (("chunk_index", [0] * len(lengths)), ("file_index", [0] * len(lengths)),
+                         ("from_timestamp", list(starts)), ("to_timestamp", list(starts + np.array(lengths) / FPS))):
+        table = table.append_column(f"videos/{key}/{name}", pa.array(values))
+    pq.write_table(table, episodes_file)
+    stats_path = root / "meta/stats.json"
+    stats = json.loads(stats_path.read_text())
+    mm = np.stack(source).astype(np.float64)
+    stats[key] = {"min": [[[mm.min()]]], "max": [[[mm.max()]]], "mean": [[[mm.mean()]]], "std": [[[mm.std()]]],
+                  "count": [len(source)], **{f"q{q:02d}": [[[float(np.quantile(mm, q / 100))]]]
+                                             for q in (1, 10, 50, 90, 99)}}
+    stats_path.write_text(json.dumps(stats))
+    with av.open(str(path)) as c:  # the fixture is valid only if the stream holds the codes (smooth depth does)
+        decoded = [f.to_ndarray(format="gray12le") for f in c.decode(video=0)]
+    assert all(np.array_equal(a, b) for a, b in zip(decoded, codes, strict=True))
+    return codes
+
+
 @pytest.fixture(scope="module")
 def theirs(tmp_path_factory):
     """What LeRobot 0.6.1 writes for a robot with an RGB camera `front` and its RealSense depth
@@ -168,46 +215,8 @@ def theirs(tmp_path_factory):
                              "observation.state": rng.standard_normal(8).astype(np.float32),
                              "action": rng.standard_normal(7).astype(np.float32)})
             w.save_episode(task=f"task {e}")
-    key = "observation.images.front_depth"
     source = [scene_mm(e, t) for e, n in enumerate(LENGTHS) for t in range(n)]
-    codes = [lerobot_quantize(d, "mm") for d in source]
-    path = root / f"videos/{key}/chunk-000/file-000.mp4"
-    path.parent.mkdir(parents=True)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("hevc", FPS, options={**LEROBOT_OPTIONS, "x265-params": "lossless=1:log-level=error"})
-        s.pix_fmt, s.width, s.height, s.time_base = "gray12le", W, H, Fraction(1, FPS)
-        for i, q in enumerate(codes):
-            frame = av.VideoFrame.from_ndarray(q, format="gray12le")
-            frame.pts, frame.time_base = i, Fraction(1, FPS)
-            for packet in s.encode(frame):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
-    info_path = root / "meta/info.json"
-    info = json.loads(info_path.read_text())
-    feats = list(info["features"].items())
-    feats.insert(1, (key, {"dtype": "video", "shape": [H, W, 1], "names": ["height", "width", "channels"],
-                           "info": dict(LEROBOT_DEPTH_INFO)}))
-    info["features"] = dict(feats)
-    info["video_path"] = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
-    info_path.write_text(json.dumps(info, indent=4))
-    (episodes_file,) = (root / "meta/episodes").rglob("*.parquet")
-    table = pq.read_table(episodes_file)
-    starts = np.cumsum([0, *LENGTHS])[:-1] / FPS
-    for name, values in (("chunk_index", [0, 0]), ("file_index", [0, 0]), ("from_timestamp", list(starts)),
-                         ("to_timestamp", list(starts + np.array(LENGTHS) / FPS))):
-        table = table.append_column(f"videos/{key}/{name}", pa.array(values))
-    pq.write_table(table, episodes_file)
-    stats_path = root / "meta/stats.json"
-    stats = json.loads(stats_path.read_text())
-    mm = np.stack(source).astype(np.float64)
-    stats[key] = {"min": [[[mm.min()]]], "max": [[[mm.max()]]], "mean": [[[mm.mean()]]], "std": [[[mm.std()]]],
-                  "count": [len(source)], **{f"q{q:02d}": [[[float(np.quantile(mm, q / 100))]]]
-                                             for q in (1, 10, 50, 90, 99)}}
-    stats_path.write_text(json.dumps(stats))
-    with av.open(str(path)) as c:  # the fixture is valid only if the stream holds the codes (smooth depth does)
-        decoded = [f.to_ndarray(format="gray12le") for f in c.decode(video=0)]
-    assert all(np.array_equal(a, b) for a, b in zip(decoded, codes, strict=True))
+    codes = add_lerobot_depth_video(root, "observation.images.front_depth", source)
     return root, source, codes
 
 
@@ -257,3 +266,105 @@ def test_older_depth_markers_and_names(theirs, tmp_path):
     (root / "meta/info.json").write_text(json.dumps(info))
     with pytest.raises(LeRobotFormatError, match="depth_max > depth_min"):
         LeRobotEpisodeSource(root)
+
+
+# ---------------------------------------------------------------- a LeRobot RGB-D recording -> sf train (SF + geometry)
+RIG = ("front", "wrist")  # an SO-101-like arm with two RealSense cameras, each an RGB stream and its `<cam>_depth`
+RIG_LENGTHS = (12, 10)
+RIG_K = [[52.0, 0.0, 31.5], [0.0, 52.0, 23.5], [0.0, 0.0, 1.0]]  # given: LeRobot records no intrinsics
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """A LeRobot 0.6.1 RGB-D recording: RGB video streams (our writer: AV1/H.264, as LeRobot's RGB cameras)
+    and, per camera, the depth stream added by hand as LeRobot records it (uint16 mm, hole included)."""
+    rng = np.random.default_rng(4)
+    root = tmp_path_factory.mktemp("recorded") / "ds"
+    source = {c: [] for c in RIG}
+    feats = canonical_features({c: (H, W) for c in RIG}, 8, 7)  # no depth: added below in LeRobot's layout
+    with LeRobotWriter(root, FPS, feats, robot_type="so101_follower", camera_keys=list(RIG)) as w:
+        for e, n in enumerate(RIG_LENGTHS):
+            state = rng.standard_normal((n, 8)).astype(np.float32)
+            for t in range(n):
+                frame = {"observation.state": state[t], "action": np.concatenate(
+                    [np.tanh(state[t, :6]), [1.0 if t > n // 2 else -1.0]]).astype(np.float32)}
+                for i, c in enumerate(RIG):
+                    mm = scene_mm(e, t)
+                    mm[mm > 0] += np.uint16(150 * i)  # the wrist camera sees the scene 15 cm further away
+                    source[c].append(mm)
+                    grey = (255.0 * 450.0 / np.maximum(mm, 450)).astype(np.uint8)
+                    frame[f"observation.images.{c}"] = np.repeat(grey[..., None], 3, -1)
+                w.add_frame(frame)
+            w.save_episode(task=f"put box {e} on the plate")
+    for c in RIG:
+        add_lerobot_depth_video(root, f"observation.images.{c}_depth", source[c], RIG_LENGTHS)
+    return root, source
+
+
+def test_a_lerobot_rgbd_recording_trains_with_spatial_forcing_and_the_geometry_teacher(recorded, tmp_path):
+    """The issue's bar: a dataset LeRobot 0.6 records with depth trains with SF and the geometry teacher.
+    Two steps of `Trainer` (the mini student, streaming pipeline) on the recording above: the align loss
+    is finite and positive, the depth the teacher was given is the depth video's (12-bit code depths, with
+    the given intrinsics rescaled to the student's side), and the geometry teacher's targets from our
+    reader's depth equal those from the recorded millimetres within the quantisation bound."""
+    import torch
+    from test_train import config
+
+    from spatial_forcing.teachers.geometry import GeometryTeacher
+    from spatial_forcing.train.loop import Trainer
+
+    root, source = recorded
+    intrinsics = {c: RIG_K for c in RIG}
+    trainer = Trainer(config(root, tmp_path / "run", cameras=list(RIG), intrinsics=intrinsics, max_steps=2,
+                             save_every=2, val_episodes=0), progress=False)
+    assert trainer.teacher.name == "geometry" and trainer.sf is not None
+    seen, features = [], trainer.teacher.features
+
+    def recording(*args, **inputs):
+        seen.append({k: v.detach().cpu().clone() for k, v in inputs.items() if k in ("depth", "intrinsics")})
+        return features(*args, **inputs)
+
+    trainer.teacher.features = recording
+    summary = trainer.fit()
+    assert summary["steps"] == 2
+    align = summary["last"]["align_loss"]
+    assert math.isfinite(align) and align > 0
+    assert len(seen) == 2
+    q = DepthQuantizer()
+    side = trainer.policy.spec.image_size
+    for inputs in seen:
+        depth = inputs["depth"].numpy()
+        assert depth.shape == (4, len(RIG), side, side) and depth.dtype == np.float32
+        # every depth the teacher saw decodes a 12-bit code (nearest resizing keeps the reader's values) ...
+        np.testing.assert_array_equal(q.dequantize(q.quantize(depth)), depth)
+        k = inputs["intrinsics"].numpy()
+        np.testing.assert_allclose(k[..., 0, 0], RIG_K[0][0] * side / W, rtol=1e-5)
+        np.testing.assert_allclose(k[..., 1, 1], RIG_K[1][1] * side / H, rtol=1e-5)
+    # ... which the recorded millimetres mostly are not: the check above tells the two apart
+    metres = np.stack(source["front"]).astype(np.float32) / 1000.0
+    assert np.mean(q.dequantize(q.quantize(metres)) == metres) < 0.1
+
+    # the targets: the geometry teacher on our reader's depth vs on the recorded depth (as LeRobot reads a
+    # sensor's 0: 0.01 m; invalid for the teacher either way), at the native 48 x 64 on 16-px patches
+    teacher, reader = GeometryTeacher(patch_size=16), LeRobotEpisodeSource(root, intrinsics=intrinsics)
+    k = torch.tensor([RIG_K, RIG_K])[None]
+    v, u = np.mgrid[0:H, 0:W]
+    ray = np.sqrt(((u - RIG_K[0][2]) / RIG_K[0][0]) ** 2 + ((v - RIG_K[1][2]) / RIG_K[1][1]) ** 2 + 1.0)
+    f_max = 2.0 ** (teacher.config.num_freqs - 1) * math.pi / teacher.config.scale
+    order = [(e, t) for e, n in enumerate(RIG_LENGTHS) for t in range(n)]
+    for i, (e, t) in enumerate(order):
+        frame = reader.frame(e, t)
+        video = torch.from_numpy(np.stack([frame[f"observation.depth.{c}"] for c in RIG]))[None]
+        truth_m = np.clip(np.stack([source[c][i] for c in RIG]) / 1000.0, 0.01, 10.0)
+        truth = torch.from_numpy(truth_m.astype(np.float32))[None]
+        p_video, valid_video = teacher.patch_points(video, k)
+        p_truth, valid_truth = teacher.patch_points(truth, k)
+        assert torch.equal(valid_video, valid_truth) and bool(valid_truth.all())
+        bound = float((q.max_error(truth_m) * ray).max())  # |dP| <= max |dd| |ray| over a patch's pixels
+        assert float((p_video - p_truth).norm(dim=-1).max()) <= bound
+        blank = torch.zeros(1, len(RIG), 3, H, W)
+        g_video = teacher.features(blank, depth=video, intrinsics=k)
+        g_truth = teacher.features(blank, depth=truth, intrinsics=k)
+        assert torch.equal(g_video.valid, g_truth.valid)
+        sincos = 6 * teacher.config.num_freqs  # sin and cos are f-Lipschitz in each coordinate
+        assert float((g_video.feats - g_truth.feats)[..., :sincos].abs().max()) <= f_max * bound + 1e-5

@@ -334,6 +334,48 @@ def test_metadata_names_the_policy_and_its_contract_never_a_path(policy_dir, ref
     assert hub["policy"] == "haofuly/spatial-forcing-7b" and "policy_id" not in hub
 
 
+def test_no_server_path_reaches_a_client_over_the_wire(policy_dir, reference, tmp_path):
+    """Issue 21, as clients receive it: a server started on a local checkpoint folder sends a metadata frame,
+    answers and error replies (websocket and HTTP) that hold none of its paths (the folder, the temporary
+    directory, the home directory) in any string at any depth; and docs/serving.md documents every field of
+    the frame and of its `observation` and `action` groups."""
+    import tempfile
+
+    config = ServeConfig(host="127.0.0.1", port=0, http_port=0)
+    texts: list[str] = []
+    with ServerThread(load_policy(policy_dir), config, name=str(policy_dir)) as running:
+        with sconnect(ws_url(running), compression=None, max_size=None) as ws:
+            raw = ws.recv(timeout=30)
+            ws.send(codec.packb(libero_obs(5)))
+            answer = codec.unpackb(ws.recv(timeout=60))
+        assert np.allclose(answer["actions"], expected(reference, 5), atol=ATOL, rtol=0)
+        texts += _strings({k: v for k, v in answer.items() if k != "actions"})
+        for frame in (codec.packb({"observation/image": "nope"}), "not msgpack"):
+            text, code = ws_error_reply(ws_url(running), frame)
+            assert code == 1011 and text
+            texts.append(text)
+        with urllib.request.urlopen(http_url(running) + "/healthz", timeout=30) as response:
+            texts.append(response.read().decode())
+        for path, body in (("/act", json.dumps({"full_image": 1}).encode()), ("/act", b"{"), ("/metadata", b"{}")):
+            status, reply = http_post(http_url(running) + path, body)
+            assert 400 <= status < 500
+            texts.append(reply.decode())
+        status, reply = http_post(http_url(running) + "/act", codec.json_dumps(openvla_obs(5)).encode())
+        assert status == 200
+    meta = codec.unpackb(raw)
+    assert isinstance(raw, bytes) and meta["policy"].startswith("oft-")
+    texts += _strings(meta)
+    local = {str(policy_dir), str(policy_dir.parent), str(tmp_path.parent), tempfile.gettempdir(), str(Path.home())}
+    for fragment in local:
+        assert fragment.encode() not in raw, fragment
+        assert not [t for t in texts if fragment in t], (fragment, [t for t in texts if fragment in t][:3])
+    assert not [t for t in _strings(meta) if t.startswith(("/", "~", ".")) or "\\" in t]
+    documented = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    fields = [*meta, *(f"observation.{k}" for k in meta["observation"]), *(f"action.{k}" for k in meta["action"])]
+    undocumented = [f for f in fields if f"`{f.rsplit('.', 1)[-1]}`" not in documented]
+    assert not undocumented, f"docs/serving.md does not document {undocumented}"
+
+
 def test_openvla_http_plain_and_double_encoded(server, reference):
     want = expected(reference, 4)
     assert np.array_equal(HttpClientPolicy(http_url(server)).infer(openvla_obs(4)), want)

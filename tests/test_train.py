@@ -272,10 +272,10 @@ def test_weights_and_biases_logs_the_run_offline(dataset, tmp_path, monkeypatch)
         assert needle in records, needle
     # the environment fills what the options leave empty; then the defaults
     monkeypatch.setenv("WANDB_PROJECT", "env-project")
-    monkeypatch.setenv("WANDB_TAGS", "from-env,second")
+    monkeypatch.setenv("WANDB_TAGS", "from-env, second,")  # spaces and a trailing comma, which W&B itself refuses
     Trainer(config(dataset, tmp_path / "b", logger="wandb", max_steps=1, save_every=1), progress=False).fit()
     records = _wandb_records(tmp_path / "b")
-    assert b"env-project" in records and b"from-env" in records and b"second" in records
+    assert b"env-project" in records and list(_wandb_run_record(tmp_path / "b").tags) == ["from-env", "second"]
     assert b"spatial-forcing" not in records.replace(b"spatial_forcing", b"")  # the default project gave way
 
 
@@ -284,3 +284,69 @@ def test_the_run_name_names_the_tensorboard_run(dataset, tmp_path):
             progress=False).fit()
     (folder,) = (tmp_path / "tb" / "tensorboard").iterdir()
     assert folder.name == "my_run_1" and any(folder.glob("events.out.tfevents.*"))
+
+
+def _wandb_run_record(folder: Path):
+    """The run record (project, entity, display name, group, tags, config) of the one offline W&B run under
+    `folder`, parsed with W&B's own protobuf schema from its LevelDB-style log: a 7-byte ':W&B' header, then
+    32 KiB blocks of records (crc32 4, length 2 little-endian, type 1: full / first / middle / last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = _wandb_records(folder)
+    assert data[:4] == b":W&B"
+    pos, pending, runs = 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "run":
+                runs.append(record.run)
+    assert runs, "no run record in the offline log"
+    return runs[0]
+
+
+def test_wandb_names_come_from_the_options_then_the_environment_then_defaults(dataset, tmp_path, monkeypatch):
+    """Each W&B name comes from its `sf train` option, else from the WANDB_* variable W&B reads, else a default;
+    an option given on the command line beats the variable in the W&B run itself (its offline run record)."""
+    from spatial_forcing.train.logging import DEFAULT_PROJECT, RunLogger, resolve_names
+
+    env = {"WANDB_PROJECT": "env-project", "WANDB_ENTITY": "env-entity", "WANDB_NAME": "env-name",
+           "WANDB_RUN_GROUP": "env-group", "WANDB_TAGS": "env-a, env-b,"}
+    assert resolve_names(config(dataset, tmp_path / "folder-name", logger="wandb"), environ={}) == {
+        "name": "folder-name", "project": DEFAULT_PROJECT, "entity": None, "group": None, "tags": None}
+    assert resolve_names(config(dataset, tmp_path / "x", logger="wandb"), environ=env) == {
+        "name": "env-name", "project": "env-project", "entity": "env-entity", "group": "env-group",
+        "tags": ["env-a", "env-b"]}
+    given = config(dataset, tmp_path / "x", logger="wandb", run_name="opt-name", wandb_project="opt-project",
+                   wandb_entity="opt-entity", wandb_group="opt-group", wandb_tags=["opt-a"])
+    assert resolve_names(given, environ=env) == {"name": "opt-name", "project": "opt-project", "entity": "opt-entity",
+                                                  "group": "opt-group", "tags": ["opt-a"]}
+    # end to end: `sf train` with every option while every variable is set
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "cli"
+    assert sf_main(["train", "--preset", "quickstart", "--dataset", str(dataset), "--output-dir", str(out),
+                    "--max-steps", "1", "--save-every", "1", "--batch-size", "4", "--num-workers", "0",
+                    "--val-episodes", "0", "--quiet", "--logger", "wandb", "--run-name", "cli-name",
+                    "--wandb-project", "cli-project", "--wandb-entity", "cli-entity", "--wandb-group", "cli-group",
+                    "--wandb-tags", "cli-a", "cli-b"]) == 0
+    run = _wandb_run_record(out)
+    assert (run.project, run.entity, run.display_name, run.run_group, list(run.tags)) == \
+        ("cli-project", "cli-entity", "cli-name", "cli-group", ["cli-a", "cli-b"])
+    logged = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert logged["run_name"] == "cli-name" and logged["wandb_tags"] == ["cli-a", "cli-b"] and logged["max_steps"] == 1
+    assert b"env-" not in _wandb_records(out)  # no variable leaked into the run
+    monkeypatch.setenv("WANDB_TAGS", "ok," + "x" * 65)  # W&B's limit, said before any run starts
+    with pytest.raises(ValueError, match="WANDB_TAGS: expected comma-separated tags of at most 64 characters"):
+        RunLogger(config(dataset, tmp_path / "long", logger="wandb"), enabled="wandb", jsonl=False)
+    assert not (tmp_path / "long").exists()

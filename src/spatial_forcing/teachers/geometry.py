@@ -15,7 +15,9 @@ Conventions
 * Extrinsics (optional) are camera-to-world 4x4 matrices in OpenCV camera axes. When given, every view's
   points and normals are expressed in the FIRST view's camera frame: `p_0 = inv(T_0) @ T_v @ p_v`.
   Without them each view stays in its own camera frame.
-* A pixel is valid iff its depth is finite, `> 0` and `<= far`, and `pad_mask` (if any) is True there.
+* A pixel is valid iff its depth is finite, `> near` and `<= far`, and `pad_mask` (if any) is True there.
+  `near` (1.05 cm) makes a sensor's "no reading" invalid both as 0 and as LeRobot's depth video decodes it:
+  its lowest code, the 0.01 m minimum (0.0100002 after float32 rounding; the next code is 0.01115 m).
   A patch is valid (True) iff it holds at least one valid pixel and at least
   `min_valid_fraction * patch_size**2` of them; its point is the mean of its valid pixels' points.
 
@@ -48,6 +50,8 @@ class GeometryConfig:
 
     patch_size: side of a square patch in pixels; H and W must be multiples of it.
     far: depths beyond this are invalid (`Z > far`).
+    near: depths at or below this are invalid (`Z <= near`): 0 (no reading), and LeRobot's depth video,
+        which stores no reading as its lowest code, 0.01 m (half a code above it by default).
     min_valid_fraction: a patch is valid iff at least this fraction of its pixels is valid (and >= 1 pixel).
     num_freqs: number of sin-cos frequencies `2^k * pi`, k = 0..num_freqs-1.
     scale: coordinates are divided by this many metres before encoding.
@@ -59,6 +63,7 @@ class GeometryConfig:
 
     patch_size: int = 14
     far: float = 10.0
+    near: float = 0.0105
     min_valid_fraction: float = 0.5
     num_freqs: int = 8
     scale: float = 1.0
@@ -71,6 +76,8 @@ class GeometryConfig:
             raise ValueError(f"GeometryConfig.patch_size: expected a positive int, got {self.patch_size!r}")
         if not (self.far > 0):
             raise ValueError(f"GeometryConfig.far: expected a positive distance in metres, got {self.far!r}")
+        if not (0.0 <= self.near < self.far):
+            raise ValueError(f"GeometryConfig.near: expected a distance in [0, far={self.far!r}) metres, got {self.near!r}")
         if not (0.0 <= self.min_valid_fraction <= 1.0):
             raise ValueError(f"GeometryConfig.min_valid_fraction: expected a value in [0, 1], "
                              f"got {self.min_valid_fraction!r}")
@@ -260,7 +267,7 @@ class GeometryTeacher(Teacher):
     def _pixel_geometry(self, depth: torch.Tensor, intrinsics: torch.Tensor,
                         pad_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Camera-frame pixel points `[B,V,H,W,3]` (0 where invalid) and pixel validity `[B,V,H,W]`."""
-        valid = torch.isfinite(depth) & (depth > 0) & (depth <= self.config.far)
+        valid = torch.isfinite(depth) & (depth > self.config.near) & (depth <= self.config.far)
         if pad_mask is not None:
             valid &= pad_mask
         points = backproject(torch.where(valid, depth, torch.ones_like(depth)), intrinsics)

@@ -50,7 +50,9 @@ def load_depths(paths: list[str | Path]) -> torch.Tensor:
         p = Path(p)
         if p.suffix != ".npy":
             raise ValueError(f"{p}: depth maps must be .npy arrays of metres (H x W)")
-        arr = np.load(p)
+        arr = _read_array(p, "a depth map (.npy array of metres)")
+        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+            raise ValueError(f"{p}: expected a depth map of real numbers (metres), found dtype {arr.dtype}")
         if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
         if arr.ndim != 2:
@@ -65,12 +67,38 @@ def load_matrices(path: str | Path, views: int, size: int, what: str) -> torch.T
     """A `.npy` or `.json` holding one `size x size` matrix (shared by all views) or one per view
     -> `[1, V, size, size]`."""
     p = Path(path)
-    arr = np.asarray(json.loads(p.read_text()) if p.suffix == ".json" else np.load(p), dtype=np.float32)
+    if p.suffix == ".json":
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file ({what})")
+        try:
+            arr = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"{p}: expected {what} as a JSON list of rows ({' '.join(str(exc).split())})") from None
+    else:
+        arr = _read_array(p, f"{what} (.npy array or .json list)")
+    try:
+        arr = np.asarray(arr, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{p}: expected {what} of numbers ({exc})") from None
     if arr.shape == (size, size):
         arr = np.broadcast_to(arr, (views, size, size))
     if arr.shape != (views, size, size):
         raise ValueError(f"{p}: {what} must be {size}x{size} or {views}x{size}x{size}, found shape {arr.shape}")
     return torch.from_numpy(np.array(arr, dtype=np.float32))[None]
+
+
+def _read_array(p: Path, what: str) -> np.ndarray:
+    """A `.npy` file's array (no pickles), or a ValueError naming the file."""
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file ({what})")
+    with open(p, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise ValueError(f"{p}: expected {what}, found a file that is not a .npy array")
+    try:
+        return np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # truncated, or an object array (a pickle)
+        reason = " ".join(str(exc).split())
+        raise ValueError(f"{p}: expected {what}, found an unreadable .npy file ({reason})") from None
 
 
 def save_grid(path: str | Path, grid: TeacherGrid, metadata: dict[str, str] | None = None) -> Path:

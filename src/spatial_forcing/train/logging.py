@@ -8,17 +8,23 @@ reads, else from a default. The run name (`--run-name`, `WANDB_NAME`, the output
 W&B run's name and TensorBoard's: events go to `<output_dir>/tensorboard/<run name>/`, which TensorBoard
 lists under that name. The W&B project (`--wandb-project`, `WANDB_PROJECT`, "spatial-forcing"), entity
 (`--wandb-entity`, `WANDB_ENTITY`, the account's default), group (`--wandb-group`, `WANDB_RUN_GROUP`) and
-tags (`--wandb-tags`, `WANDB_TAGS` comma-separated) follow the same rule. The W&B run id is the training
-run's id, so a resumed training continues its W&B run."""
+tags (`--wandb-tags`, `WANDB_TAGS` comma-separated) follow the same rule. W&B gets the resolved names and
+none of those variables (they are hidden while `wandb.init` runs): W&B would otherwise parse WANDB_TAGS
+itself and refuse one with an empty entry (`a,b,`) even when `--wandb-tags` is given. The W&B run id is
+the training run's id, so a resumed training continues its W&B run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 DEFAULT_PROJECT = "spatial-forcing"
+NAME_VARIABLES = ("WANDB_NAME", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_TAGS")
+MAX_TAG_CHARS = 64  # W&B's limit
 
 
 def resolve_names(config: Any, environ: Any = None) -> dict[str, Any]:
@@ -37,6 +43,9 @@ class RunLogger:
                  run_id: str | None = None) -> None:
         self.kind = enabled
         self.names = resolve_names(config)
+        if enabled == "wandb" and any(len(t) > MAX_TAG_CHARS for t in self.names["tags"] or []):
+            raise ValueError(f"WANDB_TAGS: expected comma-separated tags of at most {MAX_TAG_CHARS} characters "
+                             f"(W&B's limit), found {self.names['tags']}")  # the options are checked by TrainConfig
         self._tb = self._wandb = self._jsonl = None
         if jsonl:
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
@@ -53,9 +62,10 @@ class RunLogger:
                 raise ImportError("logger 'wandb' needs the wandb package (pip install wandb)") from e
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
             n = self.names
-            self._wandb = wandb.init(project=n["project"], entity=n["entity"], name=n["name"], group=n["group"],
-                                     tags=n["tags"], id=run_id, resume="allow" if run_id else None,
-                                     dir=config.output_dir, config=config.to_dict())
+            with _names_hidden_from_wandb():
+                self._wandb = wandb.init(project=n["project"], entity=n["entity"], name=n["name"], group=n["group"],
+                                         tags=n["tags"], id=run_id, resume="allow" if run_id else None,
+                                         dir=config.output_dir, config=config.to_dict())
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self._jsonl is not None:
@@ -80,6 +90,16 @@ class RunLogger:
             # records (offline: the run-*.wandb file) when it closes the stream, which teardown waits for.
             # Without it the file could still hold only its header when training returns (~1 run in 3).
             wandb.teardown()
+
+
+@contextlib.contextmanager
+def _names_hidden_from_wandb() -> Iterator[None]:
+    """The WANDB_* name variables removed from the environment for the duration (`resolve_names` has read them)."""
+    saved = {k: os.environ.pop(k) for k in NAME_VARIABLES if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def _folder(name: str) -> str:
