@@ -111,7 +111,16 @@ def _train(d: dict) -> list[Row]:
     rows: list[Row] = []
     if "cpu" in d:
         c = d["cpu"]
-        rows.append(("quickstart samples/s", _fmt(c["loop"]["samples_per_s"]), "", ""))
+        if "after" in c:  # the compact student in memory, against the previous quickstart setting, same run
+            a, b = c["after"], c["before"]
+            rows.append((f"quickstart samples/s ({a['policy']}, {a['loop']['data_mode']})",
+                         _fmt(a["loop"]["samples_per_s"]), f">= {c['target_samples_per_s']}",
+                         _status(a["loop"]["samples_per_s"] >= c["target_samples_per_s"])))
+            rows.append((f"previous setting samples/s ({b['policy']}, {b['loop']['data_mode']})",
+                         _fmt(b["loop"]["samples_per_s"]), "", ""))
+            rows.append(("speedup over the previous setting", _fmt(c["speedup_after_over_before"], "x", 1), "", ""))
+        else:
+            rows.append(("quickstart samples/s", _fmt(c["loop"]["samples_per_s"]), "", ""))
         rows.append(("step time SF / no SF", _fmt(c["sf_over_no_sf"], "", 3), f"<= {c['target_sf_over_no_sf']}",
                      _status(c["sf_over_no_sf"] <= c["target_sf_over_no_sf"])))
     if "models" in d:
@@ -151,16 +160,41 @@ def _quickstart(d: dict) -> list[Row]:
     minutes = d["seconds"]["total"] / 60
     sf, base = d["runs"]["sf"]["probe_r2_aligned"], d["runs"]["baseline"]["probe_r2_aligned"]
     return [("sf quickstart wall time", _fmt(minutes, " min"), "<= 15 min", _status(minutes <= 15)),
-            (f"depth probe R², layer {d['aligned_layer']}: SF / no SF", f"{sf:.3f} / {base:.3f}", "SF > no SF",
-             _status(sf > base)),
-            ("success rate: SF / no SF", f"{d['runs']['sf']['success_rate']:.0%} / "
-             f"{d['runs']['baseline']['success_rate']:.0%}", "", "")]
+            (f"depth probe R², layer {d['aligned_layer']}: SF / no SF" +
+             (" (geometry teacher: not independent evidence)" if d.get("teacher") == "geometry" else ""),
+             f"{sf:.3f} / {base:.3f}", "", ""),
+            ("success rate: SF / no SF (95 % Wilson)", f"{_rate(d['runs']['sf'])} / {_rate(d['runs']['baseline'])}",
+             "SF >= 50 %", _status(d["runs"]["sf"]["success_rate"] >= 0.5))]
+
+
+def _rate(run: dict) -> str:
+    ci = run.get("success_ci95")
+    return f"{run['success_rate']:.0%}" + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else "")
+
+
+def _study(d: dict) -> list[Row]:
+    rows: list[Row] = []
+    for f, entry in d["fractions"].items():
+        last = entry["curve"][-1]
+        if last.get("seeds"):
+            rows.append((f"{100 * float(f):g} % data, step {last['step']}, {last['seeds']} seeds: SF / no SF",
+                         f"{last['sf']['mean']:.0%} [{last['sf']['ci95'][0]:.0%}, {last['sf']['ci95'][1]:.0%}] / "
+                         f"{last['baseline']['mean']:.0%} [{last['baseline']['ci95'][0]:.0%}, "
+                         f"{last['baseline']['ci95'][1]:.0%}]", "", ""))
+    diff = d.get("overall_final_difference")
+    if diff:
+        rows.append(("SF - no SF at the final checkpoint (paired bootstrap 95 %)",
+                     f"{100 * diff['difference']:+.1f} [{100 * diff['ci95'][0]:+.1f}, {100 * diff['ci95'][1]:+.1f}] pts",
+                     "", ""))
+    if "seconds" in d:
+        rows.append(("sf study wall time", _fmt(d["seconds"] / 60, " min"), "", ""))
+    return rows
 
 
 HEADLINES: dict[str, Callable[[dict], list[Row]]] = {
     "teacher": _teacher, "inference": _inference, "data": _data, "collect": _collect, "depth": _depth,
     "experts": _experts,
-    "train": _train, "eval": _eval, "serve": _serve, "quickstart": _quickstart}
+    "train": _train, "eval": _eval, "serve": _serve, "quickstart": _quickstart, "study": _study}
 
 
 def benchmark_of(path: Path) -> str:
