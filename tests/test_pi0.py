@@ -359,3 +359,34 @@ def test_openpis_normalisation_rules():
     assert masked[0, 6] == x[0, 6]
     t = normalize(torch.tensor(x, dtype=torch.float32), st, "mean_std")
     assert t.dtype == torch.float32 and torch.allclose(t, torch.tensor(z, dtype=torch.float32))
+
+
+def test_sf_convert_pi0_writes_our_format_with_its_report(openpi_folder, tmp_path, capsys):
+    """`sf convert pi0`: an openpi checkpoint -> this project's folder (+ conversion_report.json) that predicts
+    what the openpi folder predicts; an existing --dst is refused untouched; our own format is refused."""
+    from spatial_forcing.cli import main
+
+    folder, _ = openpi_folder
+    dst = tmp_path / "converted"
+    assert main(["convert", "pi0", "--src", str(folder), "--dst", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "2 cameras at 56 px" in out and "keys" in out
+    report = json.loads((dst / "conversion_report.json").read_text())
+    assert report and (dst / "config.json").is_file() and (dst / "model.safetensors").is_file()
+    assert registry.checkpoint_family(dst) == "pi0"
+    obs = {"images": [np.full((56, 56, 3), 90, np.uint8), np.full((48, 64, 3), 30, np.uint8)], "state": np.zeros(8),
+           "instruction": "pick up the soup"}
+    a, b = registry.load_policy(folder).eval(), registry.load_policy(dst).eval()
+    torch.manual_seed(5)
+    expect = a.predict_action_chunk(obs)
+    torch.manual_seed(5)
+    np.testing.assert_allclose(b.predict_action_chunk(obs), expect, atol=1e-6)
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    assert main(["convert", "pi0", "--src", str(folder), "--dst", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    again = tmp_path / "again"
+    assert main(["convert", "pi0", "--src", str(dst), "--dst", str(again)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already in this project's format" in err and not again.exists()

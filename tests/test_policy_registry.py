@@ -142,3 +142,255 @@ def test_cnn_config_file_must_say_cnn(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "oft"}))
     with pytest.raises(ValueError, match="expected 'cnn'"):
         CNNConfig.load(tmp_path / "config.json")
+
+
+# ---------------------------------------------------------------------------------------------------
+# No loop names a family, and a family the project has never seen trains through the registry
+# ---------------------------------------------------------------------------------------------------
+def _family_references(path) -> list[str]:
+    """Imports of a family module (absolute, relative, or `from ..policies import oft`) and string literals
+    naming one, in one source file."""
+    import ast
+
+    families = set(registry.FAMILIES) | {"oft", "cnn", "pi0"}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            names = [module] + [f"{module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value]
+        for name in names:
+            parts = name.replace(":", ".").split(".")
+            for i, part in enumerate(parts[:-1]):
+                if part == "policies" and parts[i + 1] in families:
+                    found.append(f"{path.name}:{node.lineno}: {name}")
+    return found
+
+
+def test_no_loop_names_a_model_family(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "src" / "spatial_forcing"
+    files = [p for d in ("train", "eval", "serve", "analysis") for p in sorted((root / d).rglob("*.py"))]
+    files += [root / "quickstart.py", root / "study.py"]
+    assert len(files) > 20
+    assert [ref for f in files for ref in _family_references(f)] == []
+    # the check itself finds each way of naming one
+    probe = tmp_path / "probe.py"
+    probe.write_text("from ..policies.oft.policy import OFTPolicy\nfrom spatial_forcing.policies import pi0\n"
+                     "import spatial_forcing.policies.cnn.model\nX = 'spatial_forcing.policies.oft.policy:OFTPolicy'\n"
+                     "from ..policies.registry import load_policy\n")
+    assert sorted({int(ref.split(":")[1]) for ref in _family_references(probe)}) == [1, 2, 3, 4]
+
+
+class TinyConfig:
+    """A third family's configuration: views cut into patches, one linear map per patch, a linear head."""
+
+    FIELDS = {"image_size": 32, "num_images": 2, "patch": 8, "width": 12, "proprio_dim": 8, "chunk_len": 4,
+              "action_dim": 7}
+
+    def __init__(self, **kw):
+        unknown = set(kw) - set(self.FIELDS)
+        if unknown:
+            raise ValueError(f"tiny: unknown fields {sorted(unknown)}")
+        for k, v in {**self.FIELDS, **kw}.items():
+            setattr(self, k, v)
+
+    def to_dict(self):
+        return {"model_type": "tiny-test", **{k: getattr(self, k) for k in self.FIELDS}}
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self, config: TinyConfig):
+        super().__init__()
+        self.config = c = config
+        self.embed = torch.nn.Conv2d(3, c.width, c.patch, stride=c.patch)  # layer 0: one vector per patch
+        self.mix = torch.nn.Conv2d(c.width, c.width, 1)  # layer 1
+        self.head = torch.nn.Linear(c.num_images * c.width + c.proprio_dim, c.chunk_len * c.action_dim)
+
+    def forward(self, inputs, align_layer=None):
+        from spatial_forcing.policies.base import PolicyOutput
+
+        pixels = inputs["pixels"]
+        b, v = pixels.shape[:2]
+        grids = [self.embed(pixels.flatten(0, 1) * 2 - 1)]
+        grids.append(torch.nn.functional.gelu(self.mix(grids[0])))
+        pooled = grids[-1].mean(dim=(2, 3)).reshape(b, -1)
+        c = self.config
+        actions = self.head(torch.cat([pooled, inputs["proprio"]], -1)).reshape(b, c.chunk_len, c.action_dim)
+        loss = (actions - inputs["actions"]).abs().mean() if "actions" in inputs else actions.new_zeros(())
+        visual = None
+        if align_layer is not None:
+            g = grids[align_layer]
+            visual = g.reshape(b, v, *g.shape[1:]).permute(0, 1, 3, 4, 2)  # [B, V, h, w, D]
+        return PolicyOutput(action_loss=loss, metrics={"action_loss": loss.detach()}, visual_hidden=visual,
+                            actions=actions)
+
+
+class TinyPolicy(Policy):
+    family = "tiny"
+    PRESETS = {"tiny-test": {}}
+    MODEL_TYPES = ("tiny-test",)
+
+    @classmethod
+    def create(cls, preset, stats, overrides=None, stats_key="train"):
+        return cls(TinyModel(TinyConfig(**{**cls.PRESETS[preset], **(overrides or {})})), {stats_key: stats}, stats_key)
+
+    @classmethod
+    def _spec(cls, c):
+        from spatial_forcing.policies.base import PolicySpec
+
+        return PolicySpec(family="tiny", image_size=c.image_size, num_images=c.num_images, state_dim=c.proprio_dim,
+                          chunk_len=c.chunk_len, action_dim=c.action_dim, norm_type="bounds_q99", center_crop=False,
+                          action_convention="oft", num_layers=1)
+
+    @classmethod
+    def preset_spec(cls, preset, overrides=None):
+        return cls._spec(TinyConfig(**{**cls.PRESETS[preset], **(overrides or {})}))
+
+    @staticmethod
+    def _config(folder):
+        fields = json.loads((folder / "config.json").read_text())
+        fields.pop("model_type")
+        return TinyConfig(**fields)
+
+    @classmethod
+    def describe(cls, folder):
+        from spatial_forcing.data.normalize import STATS_FILE, load_dataset_statistics
+
+        return cls._spec(cls._config(folder)), sorted(load_dataset_statistics(folder / STATS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, unnorm_key=None, dtype=torch.float32, device=None, **overrides):
+        from safetensors.torch import load_file
+
+        from spatial_forcing.data.normalize import STATS_FILE, load_dataset_statistics
+
+        folder = registry.resolve_checkpoint(path_or_id)
+        model = TinyModel(cls._config(folder))
+        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+        stats = load_dataset_statistics(folder / STATS_FILE)
+        return cls(model, stats, unnorm_key or next(iter(stats)))
+
+    def save_pretrained(self, folder):
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        from spatial_forcing.data.normalize import STATS_FILE, save_dataset_statistics
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self.config.to_dict()))
+        save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(folder / "model.safetensors"))
+        save_dataset_statistics(folder / STATS_FILE, self.stats)
+        return folder
+
+    def with_state(self, state):
+        model = TinyModel(self.config)
+        model.load_state_dict(dict(state), strict=True)
+        return TinyPolicy(model, self.stats, self.unnorm_key)
+
+    @property
+    def spec(self):
+        return self._spec(self.config)
+
+    def visual_dim(self, layer):
+        return self.config.width
+
+    def visual_grid(self, layer):
+        return self.config.image_size // self.config.patch
+
+    def training_inputs(self, images01, tasks, state, actions):
+        return {"pixels": images01, "proprio": state.float(), "actions": actions.float()}
+
+    @torch.no_grad()
+    def predict_action_chunk(self, observation, unnorm_key=None):
+        from spatial_forcing.data.normalize import normalize, unnormalize
+        from spatial_forcing.policies.images import as_view_tensor, resize_view
+
+        stats = self.dataset_stats(unnorm_key)
+        side = self.config.image_size
+        views = torch.stack([resize_view(as_view_tensor(im, "image"), side).float() / 255 for im in observation["images"]])
+        state = normalize(np.asarray(observation["state"], np.float64)[None], stats.proprio, "bounds_q99", what="state")
+        out = self.model({"pixels": views[None], "proprio": torch.as_tensor(state, dtype=torch.float32)})
+        return unnormalize(out.actions[0].double().numpy(), stats.action, "bounds_q99", what="actions")
+
+
+def test_a_family_registered_from_outside_trains_saves_and_loads(tmp_path, monkeypatch):
+    """One class and one registry line: the unchanged Trainer trains it with SF (geometry teacher) for 2
+    steps, and the checkpoint it writes loads back through the registry with the same predictions."""
+    from pathlib import Path
+
+    from test_train import SIZE, write_dataset
+
+    from spatial_forcing.train.checkpoint import list_checkpoints
+    from spatial_forcing.train.config import PRESETS, TrainConfig
+    from spatial_forcing.train.loop import Trainer
+
+    monkeypatch.setitem(registry.FAMILIES, "tiny", f"{__name__}:TinyPolicy")
+    assert registry.preset_family("tiny-test") == "tiny" and registry.family_class("tiny") is TinyPolicy
+    data = write_dataset(tmp_path / "ds", episodes=3, length=10)
+    cfg = TrainConfig.from_dict(dict(
+        PRESETS["quickstart"], policy="tiny-test", dataset=str(data), output_dir=str(tmp_path / "run"), batch_size=4,
+        max_steps=2, save_every=2, val_every=0, val_episodes=0, logger="none", log_every=1, warmup_steps=0,
+        align={**PRESETS["quickstart"]["align"], "student_layer": 1, "use_pos_embed": False}))
+    trainer = Trainer(cfg, progress=False)
+    assert isinstance(trainer.policy, TinyPolicy) and trainer.policy.spec.image_size == SIZE
+    before = {k: v.clone() for k, v in trainer.policy.model.state_dict().items()}
+    summary = trainer.fit()
+    assert summary["steps"] == 2
+    assert np.isfinite(summary["last"]["action_loss"]) and summary["last"]["align_loss"] > 0
+    after = trainer.policy.model.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in ("embed.weight", "mix.weight", "head.weight"))
+    (step, folder), = list_checkpoints(cfg.output_dir)
+    assert step == 2 and registry.checkpoint_family(folder / "policy") == "tiny"
+    loaded = registry.load_policy(folder / "policy")
+    assert isinstance(loaded, TinyPolicy)
+    obs = {"images": [np.full((48, 48, 3), 90, np.uint8), np.full((48, 48, 3), 200, np.uint8)],
+           "state": np.linspace(-1, 1, 8), "instruction": "put box 0 on the plate"}
+    np.testing.assert_array_equal(loaded.predict_action_chunk(obs), trainer.policy.predict_action_chunk(obs))
+    assert Path(summary["checkpoint"]) == folder
+
+
+def test_policy_family_picks_each_familys_cpu_preset_for_quickstart_and_study(tmp_path, capsys):
+    """`--policy-family F` runs F's CPU preset; the training configs the quickstart and the study build for
+    it pass the trainer's checks (π0: raw actions, no OFT gripper rewrite); a bad family or a preset of
+    another family is one error line, before anything is written."""
+    import argparse
+
+    from spatial_forcing import quickstart, study
+    from spatial_forcing.cli import _family_policy, main
+    from spatial_forcing.train.loop import validate_config
+
+    from test_train import write_dataset
+
+    data = write_dataset(tmp_path / "ds", episodes=4, length=6)
+    for family, preset in (("cnn", "cnn"), ("oft", "mini"), ("pi0", "pi0-mini")):
+        assert registry.family_preset(family) == preset and registry.preset_family(preset) == family
+        for default in ("cnn",):
+            args = argparse.Namespace(policy=default, policy_family=family)
+            _family_policy(args, default)
+            assert args.policy == preset
+        q = quickstart.QuickstartConfig(policy=preset, out=str(tmp_path / "q"))
+        s = study.StudyConfig(policy=preset, out=str(tmp_path / "s"))
+        for cfg in (quickstart.train_config(q, str(data), "sf", True),
+                    study.train_config(s, data, study.Unit(1.0, 0, "sf"), [0, 1])):
+            assert cfg.policy == preset
+            assert cfg.standardize == ("" if family == "pi0" else "libero")
+            validate_config(cfg)
+    assert registry.training_fields("pi0-mini") == {"standardize": "", "chunk_mode": "repeat_last"}
+    assert registry.training_fields("no-such-preset") == {}
+    for argv, message in (
+            (["quickstart", "--policy-family", "resnet"], "--policy-family 'resnet': expected one of ['cnn', 'oft', 'pi0']"),
+            (["study", "--policy-family", "pi0", "--policy", "mini"], "--policy 'mini' is not a preset of --policy-family 'pi0'"),
+            (["study", "--policy", "no-such-preset"], "--policy 'no-such-preset': expected a student preset")):
+        out = tmp_path / "out"
+        assert main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert not out.exists()

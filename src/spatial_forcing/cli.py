@@ -207,6 +207,37 @@ def cmd_convert_oft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_pi0(args: argparse.Namespace) -> int:
+    import torch
+
+    from .policies.pi0.policy import Pi0Policy
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    overrides = _parse_overrides(args.set)
+    refuse_existing(args.dst, "--dst", args.overwrite)
+    t0 = time.perf_counter()
+    with _loading("--src", args.src):
+        policy = Pi0Policy.from_pretrained(args.src, platform=args.platform, dtype=dtype,
+                                           tokenizer_file=args.tokenizer, **overrides)
+    report = policy.conversion_report
+    if report is None:
+        raise UserError(f"--src {args.src}: expected an openpi / lerobot / transformers π0 checkpoint, found one "
+                        f"already in this project's format; nothing to convert")
+    with _staged(Path(args.dst)) as partial:
+        policy.save_pretrained(partial)
+        (partial / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    spec = policy.spec
+    n = sum(p.numel() for p in policy.model.parameters())
+    print(f"source       {args.src}")
+    print(f"model        {n / 1e6:.1f}M parameters, {spec.num_images} cameras at {spec.image_size} px, state "
+          f"{spec.state_dim}, chunk {spec.chunk_len} x {spec.action_dim}, {args.dtype}")
+    print(f"keys         {report.summary()}")
+    print(f"statistics   {', '.join(policy.stats) or 'none'}")
+    print(f"written      {args.dst} (config.json, model.safetensors, tokenizer, dataset_statistics.json, "
+          f"conversion_report.json) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_convert_rlds(args: argparse.Namespace) -> int:
     from .data.convert import rlds_to_lerobot
 
@@ -332,11 +363,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _family_policy(args: argparse.Namespace, default: str) -> None:
+    """`--policy-family F` -> `args.policy` = F's CPU preset; `--policy` given too must be of family F."""
+    from .policies.registry import FAMILIES, family_preset, preset_family
+
+    family = getattr(args, "policy_family", None)
+    if family is None:
+        return
+    if family not in FAMILIES:
+        raise UserError(f"--policy-family {family!r}: expected one of {sorted(FAMILIES)}")
+    if args.policy != default and preset_family(args.policy) != family:
+        raise UserError(f"--policy {args.policy!r} is not a preset of --policy-family {family!r} "
+                        f"(give one of them, or a {family} preset)")
+    if args.policy == default:
+        args.policy = family_preset(family)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from .quickstart import QuickstartConfig, format_summary, run_quickstart
 
+    _family_policy(args, QuickstartConfig().policy)
     cfg = QuickstartConfig(**{f.name: getattr(args, f.name) for f in fields(QuickstartConfig)})
     from .envs.collect import parse_tasks
 
@@ -365,8 +413,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from .study import config_from_args, format_summary, plan, run_study
+    from .study import StudyConfig, config_from_args, format_summary, plan, run_study
 
+    _family_policy(args, StudyConfig().policy)
     cfg = config_from_args(args)
     if args.plan:
         p = plan(cfg)
@@ -415,6 +464,7 @@ def add_study_arguments(sub: Any) -> None:
     p.add_argument("--episodes", type=int_in(1, 50), default=s.episodes,
                    help="evaluation episodes per task and checkpoint (init states 0..N-1)")
     p.add_argument("--policy", default=s.policy, help="student preset (policies registry)")
+    p.add_argument("--policy-family", help="run this family's CPU preset (cnn: cnn, oft: mini, pi0: pi0-mini)")
     p.add_argument("--batch-size", type=POSITIVE, default=s.batch_size)
     p.add_argument("--lr", type=float_in(0.0, low_open=True), default=s.lr)
     p.add_argument("--teacher", default=s.teacher, choices=["geometry", "vggt"])
@@ -501,6 +551,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dst folder")
     p.set_defaults(func=cmd_convert_oft)
 
+    p = conv.add_parser("pi0", help="π0 checkpoints: openpi PyTorch (model.safetensors), lerobot/pi0-style and "
+                                    "transformers folders")
+    p.add_argument("--src", required=True, help="upstream folder, or a hub id such as lerobot/pi0_base")
+    p.add_argument("--dst", required=True, help="output folder")
+    p.add_argument("--platform", default="libero", choices=["libero", "aloha"],
+                   help="cameras, state and action dims (the weights do not record them)")
+    p.add_argument("--tokenizer", help="PaliGemma's sentencepiece file (paligemma_tokenizer.model) when the "
+                                       "folder holds none")
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override Pi0Config fields")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --dst folder")
+    p.set_defaults(func=cmd_convert_pi0)
+
     p = conv.add_parser("rlds", help="LIBERO RLDS TFRecords (openvla/modified_libero_rlds) -> LeRobot v3.0",
                         description="Convert one RLDS dataset folder (e.g. libero_spatial_no_noops/1.0.0) to "
                                     "a LeRobotDataset v3.0, without TensorFlow; raw values are kept.")
@@ -535,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demonstrations per task")
     p.add_argument("--image-size", type=int_in(16), default=q.image_size, help="recorded frame side")
     p.add_argument("--policy", default=q.policy, help="student preset of any registered family (cnn, mini, ...)")
+    p.add_argument("--policy-family", help="run this family's CPU preset (cnn: cnn, oft: mini, pi0: pi0-mini)")
     p.add_argument("--steps", type=POSITIVE, default=q.steps, help="training steps per run")
     p.add_argument("--batch-size", type=POSITIVE, default=q.batch_size)
     p.add_argument("--lr", type=float_in(0.0, low_open=True), default=q.lr)

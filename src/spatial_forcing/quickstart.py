@@ -88,9 +88,10 @@ def demonstrations(cfg: QuickstartConfig, progress: bool) -> tuple[str, bool]:
 
 
 def train_config(cfg: QuickstartConfig, dataset: str, name: str, sf: bool) -> Any:
+    from spatial_forcing.policies.registry import training_fields
     from spatial_forcing.train.config import TrainConfig
 
-    return TrainConfig.preset("quickstart", policy=cfg.policy, dataset=dataset,
+    return TrainConfig.preset("quickstart", **training_fields(cfg.policy), policy=cfg.policy, dataset=dataset,
                               output_dir=str(Path(cfg.out) / "runs" / name), sf=sf, max_steps=cfg.steps,
                               batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, val_episodes=cfg.val_episodes,
                               val_every=max(1, cfg.steps // 2), save_every=cfg.steps,

@@ -177,6 +177,7 @@ def fraction_episodes(source: Any, fraction: float, per_task: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------- units
 def train_config(cfg: StudyConfig, dataset: Path, unit: Unit, episodes: list[int]) -> Any:
+    from spatial_forcing.policies.registry import training_fields
     from spatial_forcing.train.config import TrainConfig
 
     align = {"student_layer": cfg.align_layer, "teacher_layer": -1, "use_pos_embed": cfg.teacher == "vggt",
@@ -188,7 +189,7 @@ def train_config(cfg: StudyConfig, dataset: Path, unit: Unit, episodes: list[int
                        val_episodes=0, val_every=0, save_every=every[0] if len(every) == 1 else every[1] - every[0],
                        keep_last=len(every) + 1, log_every=max(1, cfg.steps // 50), logger="none",
                        output_dir=str(Path(cfg.out) / "runs" / unit.name), seed=cfg.seed + unit.seed,
-                       data_mode="memory", num_workers=0, device=cfg.device)
+                       data_mode="memory", num_workers=0, device=cfg.device, **training_fields(cfg.policy))
 
 
 _FRAMES: dict[tuple, Any] = {}  # per worker process: the decoded dataset, shared by its trainings
@@ -431,7 +432,11 @@ def run_study(cfg: StudyConfig, progress: bool = True, overwrite: bool = False, 
 
     from spatial_forcing.envs.collect import parse_tasks
 
+    from spatial_forcing.policies.registry import preset_family, presets
+
     parse_tasks(cfg.suite, cfg.tasks)  # unknown suites and tasks fail here, before anything is written
+    if preset_family(cfg.policy) is None:
+        raise ValueError(f"--policy {cfg.policy!r}: expected a student preset, one of {sorted(presets())}")
     if cfg.dataset and not (Path(cfg.dataset) / "meta" / "info.json").is_file():
         raise FileNotFoundError(f"--dataset {cfg.dataset}: no LeRobot dataset there (meta/info.json)")
     if cfg.episodes + cfg.demos > 50 and not cfg.dataset:

@@ -76,6 +76,9 @@ class Policy(nn.Module, abc.ABC):
     action_convention: ClassVar[str] = "oft"
     PRESETS: ClassVar[dict[str, dict]] = {}
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
+    # The family on 2 CPU cores (`sf quickstart` / `sf study --policy-family`): "policy" names a small preset,
+    # the other keys are the training fields the family needs (TrainConfig names).
+    CPU_RECIPE: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, model: nn.Module, stats: dict[str, DatasetStats] | None = None,
                  unnorm_key: str | None = None) -> None:

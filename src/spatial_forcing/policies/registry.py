@@ -49,6 +49,23 @@ def preset_family(preset: str) -> str | None:
     return presets().get(preset)
 
 
+def family_preset(family: str) -> str:
+    """The small preset a family runs on a CPU (`--policy-family` of `sf quickstart` and `sf study`)."""
+    recipe = family_class(family).CPU_RECIPE
+    if "policy" not in recipe:
+        raise ValueError(f"policy family {family!r} names no CPU preset (its CPU_RECIPE has no 'policy')")
+    return recipe["policy"]
+
+
+def training_fields(preset: str) -> dict[str, Any]:
+    """The training fields a preset's family needs besides the preset (its `CPU_RECIPE` without "policy"),
+    e.g. π0's raw actions; {} for a preset of no family."""
+    family = preset_family(preset)
+    if family is None:
+        return {}
+    return {k: v for k, v in family_class(family).CPU_RECIPE.items() if k != "policy"}
+
+
 def resolve_checkpoint(path_or_id: str | Path, allow_download: bool = True) -> Path:
     """A local folder as is; otherwise a Hugging Face hub id, downloaded with huggingface_hub."""
     path = Path(path_or_id).expanduser()

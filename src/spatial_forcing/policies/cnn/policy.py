@@ -50,6 +50,7 @@ class CNNPolicy(Policy):
     action_convention = "oft"  # trained on OFT-standardised actions: gripper 1 = open, 0 = close
     PRESETS = PRESETS
     MODEL_TYPES = ("cnn",)
+    CPU_RECIPE = {"policy": "cnn"}
 
     def __init__(self, model: CNNModel, stats: dict[str, DatasetStats] | None = None,
                  unnorm_key: str | None = None) -> None:

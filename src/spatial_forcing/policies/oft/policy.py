@@ -40,6 +40,7 @@ class OFTPolicy(Policy):
     action_convention = "oft"  # LIBERO: gripper 1 = open, 0 = close (the env wants -1 open, +1 close)
     PRESETS = PRESETS
     MODEL_TYPES = ("oft", "openvla")
+    CPU_RECIPE = {"policy": "mini"}
 
     def __init__(self, model: OFTModel, processor: OFTProcessor, stats: dict[str, DatasetStats] | None = None,
                  unnorm_key: str | None = None) -> None:

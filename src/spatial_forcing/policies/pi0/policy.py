@@ -89,6 +89,8 @@ class Pi0Policy(Policy):
     action_convention = "raw"  # the dataset's own action units (LIBERO: gripper -1 open / +1 close)
     PRESETS = PRESETS
     MODEL_TYPES = (MODEL_TYPE,)
+    # raw actions (no OFT gripper rewrite) and openpi's padded last chunk, as the pi0-mini-sf training preset
+    CPU_RECIPE = {"policy": "pi0-mini", "standardize": "", "chunk_mode": "repeat_last"}
 
     def __init__(self, model: Pi0Model, processor: Pi0Processor, stats: dict[str, DatasetStats] | None = None,
                  unnorm_key: str | None = None) -> None:
