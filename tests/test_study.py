@@ -13,7 +13,7 @@ import pytest
 from spatial_forcing.analysis.effects import (data_efficiency, paired_difference, rate_summary, steps_to_reach,
                                               training_efficiency)
 from spatial_forcing.cli import main as sf_main
-from spatial_forcing.study import StudyConfig, Unit, analyse, bind_folder, finding, fraction_episodes
+from spatial_forcing.study import StudyConfig, Unit, analyse, bind_folder, finding, fraction_episodes, write_report
 from test_train import write_dataset
 
 
@@ -80,6 +80,13 @@ def test_analysis_of_a_finished_study_on_fixed_records(tmp_path):
     assert (de["sf_fraction"], de["ratio"]) == (0.5, 2.0)
     assert result["overall_final_difference"]["difference"] == pytest.approx((0.25 + 0.25) / 2)
     assert "points" in finding(result)
+    # efficiency ratios resting on differences inside the intervals are said to be no evidence
+    images = {"steps": "s.png", "data": "d.png"}
+    result["overall_final_difference"] = {"difference": 0.25, "ci95": [-0.05, 0.5]}
+    text = write_report(cfg, result, images).read_text()
+    assert "(2.0x fewer steps)" in text and "not evidence of an effect" in text
+    result["overall_final_difference"]["ci95"] = [0.05, 0.5]
+    assert "not evidence" not in write_report(cfg, result, images).read_text()
     # an unfinished evaluation (a missing episode) leaves its seed out
     (Path(cfg.out) / "eval" / Unit(1.0, 1, "sf").name / "step-0000020" / "episodes.jsonl").write_text(
         json.dumps({"task": 0, "episode": 0, "success": True}) + "\n")

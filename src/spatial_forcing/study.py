@@ -409,6 +409,11 @@ def write_report(cfg: StudyConfig, result: dict[str, Any], images: dict[str, str
         text = (f"SF reaches the baseline's {_pct(de['baseline_at_most_data'])} (with {100 * de['most_data']:g} % of the "
                 f"data) with {100 * de['sf_fraction']:g} % ({de['ratio']:.1f}x less data)" if de["ratio"] else de["note"])
         lines.append(f"- Data efficiency: {text}.")
+    diff = result.get("overall_final_difference")
+    measured = any(line.startswith(("- Training efficiency", "- Data efficiency")) for line in lines)
+    if measured and (diff is None or diff["ci95"][0] <= 0 <= diff["ci95"][1]):
+        lines.append("- These efficiency figures compare mean curves whose differences lie inside the intervals "
+                     "above: at this scale they are not evidence of an effect.")
     lines += ["", f"![success vs steps]({images['steps']}) ![success vs data]({images['data']})", "",
               "The teacher's targets are per-patch 3-D geometry from the simulator's depth (the geometry teacher); "
               "success in the simulator is the measure here, not a depth probe."]
