@@ -191,10 +191,20 @@ def _study(d: dict) -> list[Row]:
     return rows
 
 
+def _replan(d: dict) -> list[Row]:
+    rows: list[Row] = []
+    for arm, a in d["arms"].items():
+        for k, s in a["by_k"].items():
+            rows.append((f"{arm}, {k} of {a['whole_chunk']} actions per query ({d['seeds']} seeds)",
+                         f"{s['mean']:.0%} [{s['ci95'][0]:.0%}, {s['ci95'][1]:.0%}]", "", ""))
+    return rows
+
+
 HEADLINES: dict[str, Callable[[dict], list[Row]]] = {
     "teacher": _teacher, "inference": _inference, "data": _data, "collect": _collect, "depth": _depth,
     "experts": _experts,
-    "train": _train, "eval": _eval, "serve": _serve, "quickstart": _quickstart, "study": _study}
+    "train": _train, "eval": _eval, "serve": _serve, "quickstart": _quickstart, "study": _study,
+    "replan": _replan}
 
 
 def benchmark_of(path: Path) -> str:
