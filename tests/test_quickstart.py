@@ -42,3 +42,20 @@ def test_quickstart_produces_every_artefact_and_reuses_its_work(tmp_path, capsys
     assert again["data"]["cached"] and all(again["runs"][r]["reused"] for r in ("sf", "baseline"))
     assert again["runs"]["sf"]["probe_r2"] == summary["runs"]["sf"]["probe_r2"]
     assert "using the cached dataset" in capsys.readouterr().out
+
+
+def test_quickstart_runs_the_pi0_family(tmp_path, capsys):
+    """`--policy-family pi0`: π0-mini (raw actions) through the same stages, with SF on a Gemma layer."""
+    out = tmp_path / "qs"
+    assert sf_main(["quickstart", "--policy-family", "pi0", "--episodes", "2", "--val-episodes", "1", "--steps", "2",
+                    "--eval-trials", "1", "--eval-max-steps", "8", "--probe-samples", "8", "--out", str(out),
+                    "--quiet"]) == 0
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["config"]["policy"] == "pi0-mini"
+    assert set(summary["runs"]["sf"]["probe_r2"]) == {str(k) for k in range(7)}  # 6 Gemma blocks + the embeddings
+    assert summary["runs"]["sf"]["final_align_loss"] > 0 and summary["runs"]["baseline"]["final_align_loss"] is None
+    for name in ARTEFACTS:
+        assert (out / name).is_file(), name
+    train_cfg = json.loads((out / "runs" / "sf" / "checkpoints" / "step-0000002" / "train_config.json").read_text())
+    assert train_cfg["standardize"] == "" and train_cfg["chunk_mode"] == "repeat_last"
+    assert "report:" in capsys.readouterr().out

@@ -123,6 +123,12 @@ def _train(d: dict) -> list[Row]:
             rows.append(("quickstart samples/s", _fmt(c["loop"]["samples_per_s"]), "", ""))
         rows.append(("step time SF / no SF", _fmt(c["sf_over_no_sf"], "", 3), f"<= {c['target_sf_over_no_sf']}",
                      _status(c["sf_over_no_sf"] <= c["target_sf_over_no_sf"])))
+    if "cpu_pi0" in d:
+        c = d["cpu_pi0"]
+        rows.append((f"{c['policy']} samples/s with SF (batch {c['sf']['batch_size']})", _fmt(c["sf"]["samples_per_s"]),
+                     "", ""))
+        rows.append((f"{c['policy']} fwd+bwd, batch of 2", _fmt(c["fwd_bwd_batch2_ms"]["median_ms"], " ms"), "", ""))
+        rows.append((f"{c['policy']} step time SF / no SF", _fmt(c["sf_over_no_sf_time"], "", 3), "", ""))
     if "models" in d:
         m = d["models"]
         for name, s in m["settings"].items():
