@@ -37,7 +37,7 @@ try:
 except ImportError:  # run without PYTHONPATH=src
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from spatial_forcing.eval.runner import evaluate_libero
-from spatial_forcing.data.normalize import DatasetStats
+from spatial_forcing.normalize import DatasetStats
 from spatial_forcing.envs.libero import LiberoEnv
 from spatial_forcing.eval.policies import PolicyInfo, PolicyRef
 

@@ -62,7 +62,7 @@ except ImportError:  # run without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
     from spatial_forcing.policies.oft.config import OFTConfig
 from spatial_forcing.policies.oft.model import OFTModel
-from spatial_forcing.data.normalize import DatasetStats
+from spatial_forcing.normalize import DatasetStats
 from spatial_forcing.policies.oft.policy import OFTPolicy
 from spatial_forcing.policies.oft.processor import OFTProcessor, load_tokenizer
 

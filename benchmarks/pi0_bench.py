@@ -48,7 +48,7 @@ class PromptStandIn:
 
 
 def stats(action_dim: int = 7, state_dim: int = 8):
-    from spatial_forcing.data.normalize import ArrayStats, DatasetStats
+    from spatial_forcing.normalize import ArrayStats, DatasetStats
 
     def one(n):
         return ArrayStats(q01=-np.ones(n), q99=np.ones(n), min=-np.ones(n), max=np.ones(n), mean=np.zeros(n),

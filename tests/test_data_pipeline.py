@@ -8,7 +8,7 @@ import torch
 
 from spatial_forcing.data.augment import AugmentConfig, crop_intrinsics, crop_resize, saturation_hue
 from spatial_forcing.data.dataset import ChunkedDataset, PipelineConfig, build_index, make_loader
-from spatial_forcing.data.normalize import normalize
+from spatial_forcing.normalize import normalize
 from spatial_forcing.data.sampler import ResumableSampler
 from spatial_forcing.data.stats import cached_statistics, compute_statistics
 

@@ -26,7 +26,7 @@ from spatial_forcing.eval.video import VideoSelection  # noqa: E402
 from spatial_forcing.policies.oft.config import OFTConfig  # noqa: E402
 from spatial_forcing.policies.oft.model import OFTModel  # noqa: E402
 from spatial_forcing.policies.oft.policy import OFTPolicy  # noqa: E402
-from spatial_forcing.data.normalize import DatasetStats  # noqa: E402
+from spatial_forcing.normalize import DatasetStats  # noqa: E402
 from spatial_forcing.policies.oft.processor import OFTProcessor, center_crop, load_tokenizer  # noqa: E402
 
 SUITE = "libero_object"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from spatial_forcing.data.normalize import (ArrayStats, DatasetStats, load_dataset_statistics, normalize,
+from spatial_forcing.normalize import (ArrayStats, DatasetStats, load_dataset_statistics, normalize,
                                                     save_dataset_statistics, select_stats, unnormalize,
                                                     zero_constant_dims)
 

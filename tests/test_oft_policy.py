@@ -6,7 +6,7 @@ import torch
 
 from spatial_forcing.policies.oft.config import OFTConfig
 from spatial_forcing.policies.oft.model import OFTModel
-from spatial_forcing.data.normalize import DatasetStats
+from spatial_forcing.normalize import DatasetStats
 from spatial_forcing.policies.oft.policy import OFTPolicy
 from spatial_forcing.policies.oft.processor import OFTProcessor, load_tokenizer
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from spatial_forcing.policies.oft.config import OFTConfig
-from spatial_forcing.data.normalize import DatasetStats
+from spatial_forcing.normalize import DatasetStats
 from spatial_forcing.policies.oft.processor import (DEFAULT_IMAGE_NORM, PLACEHOLDER_ID, ByteTokenizer, OFTProcessor,
                                                     as_view_tensor, center_crop, crop_box, format_prompt,
                                                     load_image_normalization, load_llama_tokenizer)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import oft_upstream as U  # noqa: E402
 
 from spatial_forcing.data.dataset import ChunkedDataset, PipelineConfig  # noqa: E402
-from spatial_forcing.data.normalize import load_dataset_statistics  # noqa: E402
+from spatial_forcing.normalize import load_dataset_statistics  # noqa: E402
 from spatial_forcing.policies.oft.config import OFTConfig  # noqa: E402
 from spatial_forcing.policies.oft.lora import adapter_parameter_count, load_lora_adapter, save_lora_adapter  # noqa: E402
 from spatial_forcing.policies.oft.model import OFTModel  # noqa: E402

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pi0_upstream as U  # noqa: E402
 
 from spatial_forcing.align import AlignConfig, SpatialForcing  # noqa: E402
-from spatial_forcing.data.normalize import ArrayStats, DatasetStats  # noqa: E402
+from spatial_forcing.normalize import ArrayStats, DatasetStats  # noqa: E402
 from spatial_forcing.data.schema import ACTION, IMAGE, PAD_MASK, STATE, TASK  # noqa: E402
 from spatial_forcing.policies import registry  # noqa: E402
 from spatial_forcing.policies.pi0.config import Pi0Config  # noqa: E402
@@ -344,7 +344,7 @@ def test_train_with_sf_resume_exactly_then_evaluate_and_serve(dataset, tmp_path)
 def test_openpis_normalisation_rules():
     """openpi `Normalize` / `Unnormalize`: z-score with std + 1e-6 (π0) and quantiles to [-1, 1] with + 1e-6
     (π0.5), never clipped, float64; masked-out dims untouched."""
-    from spatial_forcing.data.normalize import normalize, unnormalize
+    from spatial_forcing.normalize import normalize, unnormalize
 
     st = _stats().action
     x = np.array([[3.0, -2.0, 0.1, 0.0, 5.0, -5.0, 0.5]])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spatial_forcing.align import AlignConfig, SpatialForcing
-from spatial_forcing.data.normalize import ArrayStats, DatasetStats
+from spatial_forcing.normalize import ArrayStats, DatasetStats
 from spatial_forcing.policies import registry
 from spatial_forcing.policies.base import Policy
 from spatial_forcing.policies.cnn.config import CNNConfig
@@ -260,7 +260,7 @@ class TinyPolicy(Policy):
 
     @classmethod
     def describe(cls, folder):
-        from spatial_forcing.data.normalize import STATS_FILE, load_dataset_statistics
+        from spatial_forcing.normalize import STATS_FILE, load_dataset_statistics
 
         return cls._spec(cls._config(folder)), sorted(load_dataset_statistics(folder / STATS_FILE))
 
@@ -268,7 +268,7 @@ class TinyPolicy(Policy):
     def from_pretrained(cls, path_or_id, unnorm_key=None, dtype=torch.float32, device=None, **overrides):
         from safetensors.torch import load_file
 
-        from spatial_forcing.data.normalize import STATS_FILE, load_dataset_statistics
+        from spatial_forcing.normalize import STATS_FILE, load_dataset_statistics
 
         folder = registry.resolve_checkpoint(path_or_id)
         model = TinyModel(cls._config(folder))
@@ -281,7 +281,7 @@ class TinyPolicy(Policy):
 
         from safetensors.torch import save_file
 
-        from spatial_forcing.data.normalize import STATS_FILE, save_dataset_statistics
+        from spatial_forcing.normalize import STATS_FILE, save_dataset_statistics
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -310,7 +310,7 @@ class TinyPolicy(Policy):
 
     @torch.no_grad()
     def predict_action_chunk(self, observation, unnorm_key=None):
-        from spatial_forcing.data.normalize import normalize, unnormalize
+        from spatial_forcing.normalize import normalize, unnormalize
         from spatial_forcing.policies.images import as_view_tensor, resize_view
 
         stats = self.dataset_stats(unnorm_key)
@@ -394,3 +394,27 @@ def test_policy_family_picks_each_familys_cpu_preset_for_quickstart_and_study(tm
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
         assert not out.exists()
+
+
+def test_policies_import_nothing_from_data():
+    """Statistics live in `spatial_forcing/normalize.py`, shared by `data/` and `policies/`: no policies -> data arrow."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "src" / "spatial_forcing" / "policies"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        package = ["spatial_forcing", "policies", *path.relative_to(root).parts[:-1]]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - node.level + 1] if node.level else []
+                names = [".".join(base + ([node.module] if node.module else []))]
+                if not node.module:  # `from .. import data`
+                    names = [f"{names[0]}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno} {n}" for n in names
+                      if n == "spatial_forcing.data" or n.startswith("spatial_forcing.data.")]
+    assert found == []

@@ -32,7 +32,7 @@ from websockets.asyncio.client import connect as aconnect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as sconnect
 
-from spatial_forcing.data.normalize import DatasetStats
+from spatial_forcing.normalize import DatasetStats
 from spatial_forcing.policies.oft.config import OFTConfig
 from spatial_forcing.policies.oft.model import OFTModel
 from spatial_forcing.policies.oft.policy import OFTPolicy

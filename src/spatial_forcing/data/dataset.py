@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from . import tfimage
 from .augment import AugmentConfig, augment_view, crop_intrinsics, crop_resize
-from .normalize import DatasetStats, normalize, zero_constant_dims
+from ..normalize import DatasetStats, normalize, zero_constant_dims
 from .schema import ACTION, DEPTH, IMAGE, INTRINSICS, PAD_MASK, STATE, TASK, EpisodeSource
 
 CHUNK_MODES = ("drop_last", "repeat_last")

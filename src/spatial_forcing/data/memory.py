@@ -28,7 +28,7 @@ import torch
 
 from .augment import AugmentParams, augment_batch, crop_intrinsics_batch, crop_resize_batch
 from .dataset import PipelineConfig, build_index, resize_intrinsics, resize_nearest, resize_uint8
-from .normalize import DatasetStats, normalize, zero_constant_dims
+from ..normalize import DatasetStats, normalize, zero_constant_dims
 from .schema import ACTION, DEPTH, IMAGE, INTRINSICS, STATE, TASK, EpisodeSource
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from spatial_forcing.errors import UserError
 
-from .normalize import ArrayStats, DatasetStats
+from ..normalize import ArrayStats, DatasetStats
 from .schema import ACTION, STATE, EpisodeSource
 
 CACHE_NAME = "sf_statistics.json"

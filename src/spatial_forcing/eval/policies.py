@@ -153,7 +153,7 @@ def libero_cameras(num_images: int) -> tuple[str, ...]:
 def describe_checkpoint(ref: PolicyRef, suite: str) -> PolicyInfo:
     """PolicyInfo of a checkpoint of any registered family from its files (config, statistics), without
     loading weights."""
-    from spatial_forcing.data.normalize import STATS_FILE
+    from spatial_forcing.normalize import STATS_FILE
     from spatial_forcing.policies.registry import describe_checkpoint as describe
 
     spec, keys, folder = describe(ref.source)

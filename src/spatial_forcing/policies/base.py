@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spatial_forcing.data.normalize import DatasetStats, select_stats
+from spatial_forcing.normalize import DatasetStats, select_stats
 
 
 @dataclass

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ...data.normalize import (STATS_FILE, DatasetStats, load_dataset_statistics, normalize, save_dataset_statistics,
+from ...normalize import (STATS_FILE, DatasetStats, load_dataset_statistics, normalize, save_dataset_statistics,
                                unnormalize, zero_constant_dims)
 from ..base import Policy, PolicySpec
 from ..images import as_view_tensor, center_crop, resize_view

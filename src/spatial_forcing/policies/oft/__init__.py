@@ -1,7 +1,7 @@
 """OpenVLA-OFT student, weight-compatible with the published checkpoints.
 
 Read in order: `config.py` (presets), `heads.py`, `model.py` (the network and its token layout),
-`normalize.py` (dataset statistics), `processor.py` (images, prompt, tokenizer).
+`processor.py` (images, prompt, tokenizer).
 """
 
 from .config import PRESETS, OFTConfig

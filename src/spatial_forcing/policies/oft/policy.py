@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...data.normalize import STATS_FILE, DatasetStats, load_dataset_statistics, save_dataset_statistics
+from ...normalize import STATS_FILE, DatasetStats, load_dataset_statistics, save_dataset_statistics
 from ..base import Policy, PolicyOutput, PolicySpec
 from ..registry import resolve_checkpoint
 from .config import PLATFORMS, PRESETS, OFTConfig

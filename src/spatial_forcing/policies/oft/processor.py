@@ -39,7 +39,7 @@ from PIL import Image
 
 from ..images import CROP_AREA, as_view_tensor, center_crop, crop_box, resize_view  # noqa: F401 (re-exported)
 from .config import OFTConfig
-from ...data.normalize import DatasetStats, STATS_FILE, load_dataset_statistics, normalize, select_stats, unnormalize
+from ...normalize import DatasetStats, STATS_FILE, load_dataset_statistics, normalize, select_stats, unnormalize
 
 Vec3 = tuple[float, float, float]
 ImageNorm = tuple[tuple[Vec3, Vec3], tuple[Vec3, Vec3]]  # ((dino mean, dino std), (siglip mean, siglip std))

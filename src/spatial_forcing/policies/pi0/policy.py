@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...data.normalize import (STATS_FILE, ArrayStats, DatasetStats, load_dataset_statistics,
+from ...normalize import (STATS_FILE, ArrayStats, DatasetStats, load_dataset_statistics,
                                save_dataset_statistics)
 from ..base import Policy, PolicySpec
 from ..registry import resolve_checkpoint

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ...data.normalize import DatasetStats, normalize, unnormalize
+from ...normalize import DatasetStats, normalize, unnormalize
 from ..images import resize_with_pad
 from .config import Pi0Config
 
