@@ -363,6 +363,30 @@ def profile_call(policy: OFTPolicy, obs: dict, device: torch.device, cudagraphs:
     return sorted(out, key=lambda d: d[key], reverse=True)[:rows]
 
 
+def pi0_main(args: argparse.Namespace) -> dict:
+    """`--policy pi0 | pi0-mini`: π0 inference latency (2 cameras at 256 -> 224 / 112, 8-D state, 10 Euler steps)."""
+    import pi0_bench
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    small = args.policy == "pi0-mini" or args.device == "cuda"
+    warmup = args.warmup if args.warmup is not None else (5 if small else 1)
+    repeat = args.repeat if args.repeat is not None else (50 if small else 3)
+    r = pi0_bench.inference(args.policy, device, getattr(torch, dtype_name), warmup, repeat, seed=args.seed)
+    doc = {"benchmark": "inference", "date": _dt.date.today().isoformat(), "device": device_name(device),
+           "torch": torch.__version__, "commit": git_commit(), "pi0": r}
+    out = args.out or ROOT / "benchmarks" / "results" / f"inference_{args.device}_{args.policy}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc, indent=2))
+    print(f"written to {out}")
+    return doc
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -393,7 +417,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default: benchmarks/results/inference_<device>_<preset>[_<dtype>][_compile].json)")
+    p.add_argument("--policy", choices=("pi0", "pi0-mini"), default=None,
+                   help="time a π0 preset instead of OFT (pi0_bench.py): predict_action_chunk end to end and the "
+                        "model alone; default dtype bfloat16 on cuda")
     args = p.parse_args(argv)
+    if args.policy:
+        return pi0_main(args)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch (torch.cuda.is_available() is False)")

@@ -41,11 +41,15 @@ class Benchmark:
 BENCHMARKS = [
     Benchmark("teacher", "teacher.py", ("--device", "cpu", "--preset", "tiny"), ("--device", "cuda"), "<1"),
     Benchmark("inference", "inference.py", ("--device", "cpu"), ("--device", "cuda"), "1"),
+    Benchmark("inference_pi0", "inference.py", ("--device", "cpu", "--policy", "pi0-mini"),
+              ("--device", "cuda", "--policy", "pi0"), "1"),
     Benchmark("data", "data.py", (), None, "2"),
     Benchmark("collect", "collect.py", (), None, "5"),
     Benchmark("depth", "depth.py", (), None, "4"),
     Benchmark("experts", "experts.py", (), None, "10"),
     Benchmark("train", "train.py", (), ("--models", "--device", "cuda"), "5"),
+    Benchmark("train_pi0", "train.py", ("--policy", "pi0-mini"),
+              ("--models", "--device", "cuda", "--policy", "pi0", "--grad-checkpointing", "--batch", "4"), "3"),
     Benchmark("eval", "eval.py", (), None, "5"),
     Benchmark("serve", "serve.py", (), None, "2"),
     Benchmark("quickstart", "quickstart.py", (), None, "12"),
@@ -70,6 +74,14 @@ def _teacher(d: dict) -> list[Row]:
 
 
 def _inference(d: dict) -> list[Row]:
+    if "pi0" in d:
+        r = d["pi0"]
+        rows = [(f"{r['preset']} {r['dtype']}, 2 cameras + state, end-to-end median", _fmt(r["end_to_end"]["median_ms"], " ms"),
+                 "", ""), (f"{r['preset']} model only ({r['euler_steps']} Euler steps)", _fmt(r["model_only"]["median_ms"], " ms"),
+                           "", "")]
+        if r.get("peak_memory_gb") is not None:
+            rows.append((f"{r['preset']} peak memory", _fmt(r["peak_memory_gb"], " GB", 2), "", ""))
+        return rows
     return [(f"{d['preset']} {d['dtype']}, {r['config']}, end-to-end median", _fmt(r["end_to_end"]["median_ms"], " ms"),
              "", "") for r in d["results"]]
 
