@@ -149,10 +149,13 @@ def test_cnn_config_file_must_say_cnn(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 def _family_references(path) -> list[str]:
     """Imports of a family module (absolute, relative, or `from ..policies import oft`) and string literals
-    naming one, in one source file."""
+    naming one (`"spatial_forcing.policies.oft.policy:OFTPolicy"`, `"policies/pi0/weights.py"`, also inside
+    a longer string), in one source file."""
     import ast
+    import re
 
     families = set(registry.FAMILIES) | {"oft", "cnn", "pi0"}
+    in_text = re.compile(r"\bpolicies\s*[./:]\s*(%s)\b" % "|".join(sorted(map(re.escape, families))))
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         names: list[str] = []
@@ -162,9 +165,11 @@ def _family_references(path) -> list[str]:
             module = node.module or ""
             names = [module] + [f"{module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            names = [node.value]
+            if in_text.search(node.value):
+                found.append(f"{path.name}:{node.lineno}: {node.value[:80]!r}")
+            continue
         for name in names:
-            parts = name.replace(":", ".").split(".")
+            parts = name.split(".")
             for i, part in enumerate(parts[:-1]):
                 if part == "policies" and parts[i + 1] in families:
                     found.append(f"{path.name}:{node.lineno}: {name}")
@@ -183,8 +188,12 @@ def test_no_loop_names_a_model_family(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from ..policies.oft.policy import OFTPolicy\nfrom spatial_forcing.policies import pi0\n"
                      "import spatial_forcing.policies.cnn.model\nX = 'spatial_forcing.policies.oft.policy:OFTPolicy'\n"
-                     "from ..policies.registry import load_policy\n")
-    assert sorted({int(ref.split(":")[1]) for ref in _family_references(probe)}) == [1, 2, 3, 4]
+                     "from ..policies.registry import load_policy\n"
+                     "Y = f'see src/spatial_forcing/policies/pi0/weights.py {X}'\n"
+                     "from ..policies import registry, cnn\nimport spatial_forcing.policies.pi0.weights as w\n"
+                     "Z = importlib.import_module('policies.oft')\n"
+                     "W = 'policies.registry: the family is in config.json'\nfrom .. import policies\n")
+    assert sorted({int(ref.split(":")[1]) for ref in _family_references(probe)}) == [1, 2, 3, 4, 6, 7, 8, 9]
 
 
 class TinyConfig:
@@ -339,6 +348,7 @@ def test_a_family_registered_from_outside_trains_saves_and_loads(tmp_path, monke
         PRESETS["quickstart"], policy="tiny-test", dataset=str(data), output_dir=str(tmp_path / "run"), batch_size=4,
         max_steps=2, save_every=2, val_every=0, val_episodes=0, logger="none", log_every=1, warmup_steps=0,
         align={**PRESETS["quickstart"]["align"], "student_layer": 1, "use_pos_embed": False}))
+    assert cfg.sf and cfg.teacher == "geometry"  # the dataset has depth and intrinsics
     trainer = Trainer(cfg, progress=False)
     assert isinstance(trainer.policy, TinyPolicy) and trainer.policy.spec.image_size == SIZE
     before = {k: v.clone() for k, v in trainer.policy.model.state_dict().items()}
@@ -349,6 +359,7 @@ def test_a_family_registered_from_outside_trains_saves_and_loads(tmp_path, monke
     assert all(not torch.equal(before[k], after[k]) for k in ("embed.weight", "mix.weight", "head.weight"))
     (step, folder), = list_checkpoints(cfg.output_dir)
     assert step == 2 and registry.checkpoint_family(folder / "policy") == "tiny"
+    assert (folder / "align_projector.safetensors").is_file()
     loaded = registry.load_policy(folder / "policy")
     assert isinstance(loaded, TinyPolicy)
     obs = {"images": [np.full((48, 48, 3), 90, np.uint8), np.full((48, 48, 3), 200, np.uint8)],
@@ -364,11 +375,21 @@ def test_policy_family_picks_each_familys_cpu_preset_for_quickstart_and_study(tm
     import argparse
 
     from spatial_forcing import quickstart, study
-    from spatial_forcing.cli import _family_policy, main
+    from spatial_forcing.cli import _family_policy, build_parser, main
     from spatial_forcing.train.loop import validate_config
 
     from test_train import write_dataset
 
+    # the command lines as `sf` parses them: no --policy-family keeps today's student (cnn)
+    assert quickstart.QuickstartConfig().policy == study.StudyConfig().policy == "cnn"
+    for command, default in (("quickstart", quickstart.QuickstartConfig().policy),
+                             ("study", study.StudyConfig().policy)):
+        for extra, preset in (([], "cnn"), (["--policy-family", "pi0"], "pi0-mini"),
+                              (["--policy-family", "oft"], "mini"), (["--policy-family", "cnn"], "cnn"),
+                              (["--policy-family", "pi0", "--policy", "pi0"], "pi0")):
+            args = build_parser().parse_args([command, *extra])
+            _family_policy(args, default)
+            assert args.policy == preset, (command, extra, args.policy)
     data = write_dataset(tmp_path / "ds", episodes=4, length=6)
     for family, preset in (("cnn", "cnn"), ("oft", "mini"), ("pi0", "pi0-mini")):
         assert registry.family_preset(family) == preset and registry.preset_family(preset) == family
