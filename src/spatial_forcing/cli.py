@@ -12,7 +12,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__
 from .errors import (COUNT, POSITIVE, SEED, UserError, check_device, describe_os_error, device_arg,
@@ -176,66 +176,66 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def cmd_convert_oft(args: argparse.Namespace) -> int:
-    import torch
-
-    from .policies.oft.policy import OFTPolicy
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    overrides = _parse_overrides(args.set)
+def _convert(args: argparse.Namespace, load: Callable[[], Any], upstream: str, model_line: Callable[[Any], str],
+             files: str) -> int:
+    """The shared body of `sf convert oft|pi0`: load the upstream checkpoint with its conversion report, write
+    our folder atomically with `conversion_report.json`, print a summary."""
     refuse_existing(args.dst, "--dst", args.overwrite)
     t0 = time.perf_counter()
     with _loading("--src", args.src):
-        policy = OFTPolicy.from_pretrained(args.src, platform=args.platform, dtype=dtype, **overrides)
+        policy = load()
     report = policy.conversion_report
     if report is None:
-        raise UserError(f"--src {args.src}: expected an upstream checkpoint, found one already in this project's "
+        raise UserError(f"--src {args.src}: expected {upstream}, found one already in this project's "
                         f"format; nothing to convert")
     with _staged(Path(args.dst)) as partial:
         policy.save_pretrained(partial)
         (partial / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    dst = Path(args.dst)
-    cfg = policy.config
     n = sum(p.numel() for p in policy.model.parameters())
     print(f"source       {args.src}")
-    print(f"model        {n / 1e6:.1f}M parameters, {cfg.num_images} images, proprio {cfg.use_proprio}, "
-          f"chunk {cfg.chunk_len} x {cfg.action_dim}, head {cfg.action_head}, {args.dtype}")
+    print(f"model        {n / 1e6:.1f}M parameters, {model_line(policy)}, {args.dtype}")
     print(f"keys         {report.summary()}")
     print(f"statistics   {', '.join(policy.stats) or 'none'}")
-    print(f"written      {dst} (config.json, model.safetensors, dataset_statistics.json, processor files, "
-          f"conversion_report.json) in {time.perf_counter() - t0:.1f} s")
+    print(f"written      {args.dst} ({files}, conversion_report.json) in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def cmd_convert_oft(args: argparse.Namespace) -> int:
+    from .policies.oft.policy import OFTPolicy
+
+    overrides = _parse_overrides(args.set)
+
+    def model_line(policy: Any) -> str:
+        cfg = policy.config
+        return (f"{cfg.num_images} images, proprio {cfg.use_proprio}, chunk {cfg.chunk_len} x {cfg.action_dim}, "
+                f"head {cfg.action_head}")
+
+    return _convert(args, lambda: OFTPolicy.from_pretrained(args.src, platform=args.platform, dtype=_dtype(args.dtype),
+                                                            **overrides),
+                    "an upstream checkpoint", model_line,
+                    "config.json, model.safetensors, dataset_statistics.json, processor files")
 
 
 def cmd_convert_pi0(args: argparse.Namespace) -> int:
-    import torch
-
     from .policies.pi0.policy import Pi0Policy
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     overrides = _parse_overrides(args.set)
-    refuse_existing(args.dst, "--dst", args.overwrite)
-    t0 = time.perf_counter()
-    with _loading("--src", args.src):
-        policy = Pi0Policy.from_pretrained(args.src, platform=args.platform, dtype=dtype,
-                                           tokenizer_file=args.tokenizer, **overrides)
-    report = policy.conversion_report
-    if report is None:
-        raise UserError(f"--src {args.src}: expected an openpi / lerobot / transformers π0 checkpoint, found one "
-                        f"already in this project's format; nothing to convert")
-    with _staged(Path(args.dst)) as partial:
-        policy.save_pretrained(partial)
-        (partial / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    spec = policy.spec
-    n = sum(p.numel() for p in policy.model.parameters())
-    print(f"source       {args.src}")
-    print(f"model        {n / 1e6:.1f}M parameters, {spec.num_images} cameras at {spec.image_size} px, state "
-          f"{spec.state_dim}, chunk {spec.chunk_len} x {spec.action_dim}, {args.dtype}")
-    print(f"keys         {report.summary()}")
-    print(f"statistics   {', '.join(policy.stats) or 'none'}")
-    print(f"written      {args.dst} (config.json, model.safetensors, tokenizer, dataset_statistics.json, "
-          f"conversion_report.json) in {time.perf_counter() - t0:.1f} s")
-    return 0
+
+    def model_line(policy: Any) -> str:
+        spec = policy.spec
+        return (f"{spec.num_images} cameras at {spec.image_size} px, state {spec.state_dim}, "
+                f"chunk {spec.chunk_len} x {spec.action_dim}")
+
+    return _convert(args, lambda: Pi0Policy.from_pretrained(args.src, platform=args.platform, dtype=_dtype(args.dtype),
+                                                            tokenizer_file=args.tokenizer, **overrides),
+                    "an openpi / lerobot / transformers π0 checkpoint", model_line,
+                    "config.json, model.safetensors, tokenizer, dataset_statistics.json")
 
 
 def cmd_convert_rlds(args: argparse.Namespace) -> int:

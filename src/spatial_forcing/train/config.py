@@ -62,8 +62,8 @@ def _check_types(obj: Any, what: str) -> None:
 @dataclass
 class TrainConfig:
     # -- what to train ------------------------------------------------------------------------
-    policy: str = "mini"  # an OFT preset (random init) or a checkpoint folder / hub id to fine-tune
-    policy_overrides: dict[str, Any] = field(default_factory=dict)  # OFTConfig fields (presets only)
+    policy: str = "mini"  # a student preset of any family (random init) or a checkpoint folder / hub id to fine-tune
+    policy_overrides: dict[str, Any] = field(default_factory=dict)  # the family's config fields (its from_pretrained / preset)
     dataset: str = ""  # a LeRobot v3 folder or an RLDS folder
     episodes: str = "all"  # the dataset episodes this run uses: "all", "A:B" (A..B-1) or "i,j,k"; val_episodes are its last
     standardize: str = "libero"  # reader transform of state/action ("libero": OFT's gripper convention) or ""
